@@ -1,0 +1,169 @@
+"""The attention-backend protocol: the one seam between the model and the device kernels.
+
+A backend owns the layout of the paged KV cache and implements three operations:
+
+* ``store_kv``: write the K/V of the tokens of this forward pass into their slots,
+* ``prefill``: attention of (possibly several, ragged) prompt chunks, each query attending
+  to its own sequence's cached prefix plus the causal part of its chunk,
+* ``decode``: one query token per sequence attending to everything in its paged cache.
+
+Slots follow TGI: ``slot = block * block_size + offset``; position ``p`` of a sequence is
+stored in ``slots[p]``. ALiBi (BLOOM) is passed as per-head slopes so that a backend may build
+its own bias or mask (the NPU ATB ops take a mask, the aclnn ops a ``pse_shift``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+# NOTE: torch_npu paged-attention ops need block_size % 16 == 0 and block_size <= 128
+# (shared/npu/NPU_NOTES.md 3.2); the reference backend follows the same rule so that a
+# configuration tested on CPU is valid on NPU.
+MIN_BLOCK_SIZE = 16
+MAX_BLOCK_SIZE = 128
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size % MIN_BLOCK_SIZE != 0 or not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE):
+        raise ValueError(
+            f"block size {block_size} is not supported: it must be a multiple of "
+            f"{MIN_BLOCK_SIZE} between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
+        )
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything the kernels need about one forward pass, built once per step.
+
+    ``T`` = number of tokens in the pass, ``B`` = number of sequences.
+    In a prefill pass sequence ``i`` contributes ``query_lens[i] = seq_lens[i] - context_lens[i]``
+    tokens (its positions ``context_lens[i] .. seq_lens[i]-1``); in a decode pass every
+    sequence contributes exactly one token (``T == B``).
+    """
+
+    is_prefill: bool
+    slot_mapping: Tensor  # [T] int64, KV slot of every token of this pass
+    block_tables: Tensor  # [B, max_blocks] int32, block ids per sequence (padded with 0)
+    seq_lens: Tensor  # [B] int32, tokens in the cache for each sequence after this pass
+    context_lens: Tensor  # [B] int32, tokens already cached before this pass (prefix)
+    cu_seqlens_q: Tensor  # [B + 1] int32, cumulative query lengths (token offsets in the pass)
+    max_seqlen_q: int
+    max_seqlen_k: int
+    block_size: int
+    # Host copies: NPU ops take lengths as host lists/tensors; keeping them avoids a device sync.
+    seq_lens_list: list[int]
+    context_lens_list: list[int]
+    query_lens_list: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+    @property
+    def has_prefix(self) -> bool:
+        """True when some sequence attends to KV that this pass did not compute."""
+        return any(c > 0 for c in self.context_lens_list)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        is_prefill: bool,
+        slot_mapping: list[int],
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        query_lens: list[int],
+        block_size: int,
+        device: torch.device,
+    ) -> AttentionMetadata:
+        """Build metadata from host lists (one entry per sequence)."""
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        max_blocks = max((len(b) for b in block_tables), default=0)
+        table = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
+        for i, blocks in enumerate(block_tables):
+            if blocks:
+                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        return cls(
+            is_prefill=is_prefill,
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            block_tables=table.to(device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            max_seqlen_q=max(query_lens, default=0),
+            max_seqlen_k=max(seq_lens, default=0),
+            block_size=block_size,
+            seq_lens_list=seq_lens,
+            context_lens_list=list(context_lens),
+            query_lens_list=list(query_lens),
+        )
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    """Device attention kernels over a paged KV cache (see module docstring)."""
+
+    name: str
+
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of ONE of the K or V cache tensors of one layer."""
+        ...
+
+    def allocate_kv_cache(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor]:
+        """Zero-initialised (key_cache, value_cache) for one layer."""
+        ...
+
+    def store_kv(
+        self, key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Write ``key``/``value`` ``[T, kv_heads, head_dim]`` into ``meta.slot_mapping``."""
+        ...
+
+    def prefill(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        alibi_slopes: Tensor | None,
+    ) -> Tensor:
+        """Causal attention for the prompt chunks of a prefill pass.
+
+        query ``[T, heads, head_dim]``, key/value ``[T, kv_heads, head_dim]`` (this pass's
+        tokens, already stored with ``store_kv``); returns ``[T, heads, head_dim]``. A sequence
+        with ``context_lens[i] > 0`` also attends to its cached positions ``0..context_lens[i]-1``.
+        ``alibi_slopes`` ``[heads]`` (float32) adds ``slope * (key_pos - query_pos)`` to scores.
+        """
+        ...
+
+    def decode(
+        self,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        alibi_slopes: Tensor | None,
+    ) -> Tensor:
+        """One query per sequence ``[B, heads, head_dim]`` over its paged cache; returns the same shape."""
+        ...
