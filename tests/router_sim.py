@@ -1,0 +1,287 @@
+"""A synchronous stand-in for TGI's v3 router, for driving shards in tests.
+
+It follows backends/v3 (PROTOCOL.md b.1-b.3): ServiceDiscovery on the master socket only, then
+ClearCache, Info and Warmup on every listed shard; the router's warmup batch; the simple block
+allocator (block 0 reserved, ``input_length + max_new_tokens - 1`` slots per request, blocks
+freed when a request leaves); FilterBatch when the live set shrinks, ClearCache when it empties;
+the health probe Prefill on block 0. Calls to several shards run concurrently and their
+generations are concatenated, as the router's sharded client does.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from tgi_npu_backend.pb import generate_pb2 as pb
+from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
+
+U64_MAX = 2**64 - 1
+# The router's warmup image: a tiny PNG, labelled image/jpeg as the router does.
+WARMUP_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+@dataclass
+class Result:
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    top_tokens: list[list[int]] = field(default_factory=list)
+    prefill: pb.Tokens | None = None
+    generated_text: str | None = None
+    finish_reason: int | None = None
+    seed: int | None = None
+    generated_tokens: int | None = None
+
+
+class SimpleAllocator:
+    """backends/v3 SimpleAllocator: blocks 1..n-1 (0 is the health probe's)."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.free = list(range(num_blocks - 1, 0, -1))
+        self.total = num_blocks - 1
+
+    def allocate(self, tokens: int) -> tuple[list[int], list[int]] | None:
+        n = -(-tokens // self.block_size)
+        if n > len(self.free):
+            return None
+        blocks = [self.free.pop() for _ in range(n)]
+        slots = [b * self.block_size + o for b in blocks for o in range(self.block_size)][:tokens]
+        return blocks, slots
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(blocks)
+
+
+def params(**kw) -> pb.NextTokenChooserParameters:
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, do_sample=False, seed=0,
+                repetition_penalty=1.0, frequency_penalty=0.0, watermark=False)
+    base.update(kw)
+    return pb.NextTokenChooserParameters(**base)
+
+
+def text_input(text: str) -> pb.Input:
+    return pb.Input(chunks=[pb.InputChunk(text=text)])
+
+
+class RouterSim:
+    def __init__(self, master_socket: str, tokenizer):
+        self.tokenizer = tokenizer
+        self.master_socket = master_socket
+        self.pool = ThreadPoolExecutor(max_workers=8)
+        self.next_request_id = 0
+        self.next_batch_id = 0
+        self.blocks: dict[int, list[int]] = {}
+
+    # ---------------------------------------------------------------- shard calls
+    def _all(self, method: str, request):
+        futures = [self.pool.submit(getattr(s, method), request) for s in self.stubs]
+        return [f.result() for f in futures]
+
+    def startup(self, max_input: int | None = None, max_total: int | None = None,
+                max_prefill: int = 4096, max_batch_size: int | None = None) -> pb.InfoResponse:
+        master = grpc.insecure_channel(f"unix://{self.master_socket}")
+        urls = pb_grpc.TextGenerationServiceStub(master).ServiceDiscovery(pb.ServiceDiscoveryRequest()).urls
+        master.close()
+        self.urls = list(urls)
+        self.channels = [grpc.insecure_channel(u) for u in self.urls]
+        self.stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self.channels]
+        self._all("ClearCache", pb.ClearCacheRequest())
+        self.info = self._all("Info", pb.InfoRequest())[-1]
+        warm = self._all("Warmup", self.warmup_request(max_input, max_total, max_prefill, max_batch_size))
+        key = min((w.max_supported_total_tokens, w.max_input_tokens, w.max_total_tokens) for w in warm)
+        self.max_supported, self.max_input, self.max_total = key
+        if max_input is not None:
+            assert self.max_input == max_input, "the shard must echo max_input_tokens"
+        if max_total is not None:
+            assert self.max_total == max_total, "the shard must echo max_total_tokens"
+        assert self.max_input < self.max_total <= self.max_supported
+        assert self.max_input <= max_prefill
+        self.allocator = SimpleAllocator(self.max_supported // self.info.block_size, self.info.block_size)
+        return self.info
+
+    def warmup_request(self, max_input, max_total, max_prefill, max_batch_size) -> pb.WarmupRequest:
+        """grpc_client.rs warmup: requests until max_prefill tokens are covered, all with id 0."""
+        requests, remaining = [], max_prefill
+        while remaining > 0 and (max_batch_size is None or len(requests) < max_batch_size):
+            truncate = min(max_input, remaining) if max_input is not None else remaining
+            chunks = [pb.InputChunk(text="_test " * truncate)]
+            if not requests:
+                chunks.append(pb.InputChunk(image=pb.Image(data=WARMUP_PNG, mimetype="image/jpeg;base64")))
+            requests.append(pb.Request(
+                id=0, inputs="_test " * truncate, input_chunks=pb.Input(chunks=chunks), truncate=truncate,
+                add_special_tokens=True,
+                parameters=params(temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=False,
+                                  seed=0, repetition_penalty=1.2, frequency_penalty=0.1, watermark=True),
+                stopping_parameters=pb.StoppingCriteriaParameters(
+                    max_new_tokens=(max_total - truncate) if max_total is not None else 1,
+                    ignore_eos_token=True),
+                prefill_logprobs=True, top_n_tokens=20,
+            ))
+            remaining -= truncate
+        batch = pb.Batch(id=0, requests=requests, size=len(requests), max_tokens=max_input or 0, max_blocks=0)
+        req = pb.WarmupRequest(batch=batch, max_prefill_tokens=max_prefill)
+        if max_input is not None:
+            req.max_input_tokens = max_input
+        if max_total is not None:
+            req.max_total_tokens = max_total
+        return req
+
+    # ---------------------------------------------------------------- requests
+    def request(self, text: str, max_new_tokens: int = 16, truncate: int | None = None,
+                stop: list[str] | None = None, prefill_logprobs: bool = False, top_n: int = 0,
+                add_special_tokens: bool = True, ignore_eos: bool = False, **sampling) -> pb.Request:
+        truncate = truncate if truncate is not None else self.max_input
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens, truncation=True,
+                             max_length=truncate)["input_ids"]
+        rid = self.next_request_id
+        self.next_request_id += 1
+        alloc = self.allocator.allocate(len(ids) + max_new_tokens - 1)
+        assert alloc is not None, "KV pool exhausted in test"
+        blocks, slots = alloc
+        self.blocks[rid] = blocks
+        return pb.Request(
+            id=rid, inputs=text, input_chunks=text_input(text), truncate=truncate,
+            parameters=params(**sampling), add_special_tokens=add_special_tokens,
+            stopping_parameters=pb.StoppingCriteriaParameters(
+                max_new_tokens=max_new_tokens, stop_sequences=stop or [], ignore_eos_token=ignore_eos),
+            prefill_logprobs=prefill_logprobs, top_n_tokens=top_n, blocks=blocks, slots=slots,
+        )
+
+    def release(self, request_id: int) -> None:
+        self.allocator.release(self.blocks.pop(request_id))
+
+    def batch(self, requests: list[pb.Request]) -> pb.Batch:
+        bid = self.next_batch_id
+        self.next_batch_id += 1
+        return pb.Batch(id=bid, requests=requests, size=len(requests),
+                        max_tokens=sum(len(r.slots) for r in requests),
+                        max_blocks=max(len(r.blocks) for r in requests))
+
+    def prefill(self, batch: pb.Batch):
+        resps = self._all("Prefill", pb.PrefillRequest(batch=batch))
+        return [g for r in resps for g in r.generations], resps[-1].batch if resps[-1].HasField("batch") else None
+
+    def decode(self, batches: list[pb.CachedBatch]):
+        resps = self._all("Decode", pb.DecodeRequest(batches=batches))
+        return [g for r in resps for g in r.generations], resps[-1].batch if resps[-1].HasField("batch") else None
+
+    def filter(self, batch_id: int, keep: list[int]) -> pb.CachedBatch:
+        return self._all("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=keep))[-1].batch
+
+    def clear(self, batch_id: int | None = None) -> None:
+        self._all("ClearCache", pb.ClearCacheRequest(id=batch_id) if batch_id is not None else pb.ClearCacheRequest())
+
+    def health_probe(self):
+        req = pb.Request(id=U64_MAX, inputs="liveness", input_chunks=text_input("liveness"), truncate=1,
+                         add_special_tokens=False, parameters=params(),
+                         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=1),
+                         blocks=[0], slots=[0])
+        return self.prefill(pb.Batch(id=U64_MAX, requests=[req], size=1, max_tokens=2, max_blocks=1))
+
+    # ---------------------------------------------------------------- serving loop
+    def run(self, plan: dict[int, list[pb.Request]], cancel: dict[int, list[int]] | None = None,
+            max_steps: int = 500, between=None) -> dict[int, Result]:
+        """Serve like backend.rs: ``plan[step]`` are requests admitted (Prefill) before decode step
+        ``step``; ``cancel[step]`` are request ids whose clients disconnect before that step;
+        ``between(step)`` runs before each step (e.g. other RPCs a router may send meanwhile)."""
+        cancel = cancel or {}
+        results: dict[int, Result] = {}
+        live: set[int] = set()
+        current: pb.CachedBatch | None = None
+        for step in range(max_steps):
+            if between is not None:
+                between(step)
+            for rid in cancel.get(step, []):
+                if rid in live:
+                    live.discard(rid)
+                    self.release(rid)
+            new = None
+            if plan.get(step):
+                for r in plan[step]:
+                    results[r.id] = Result()
+                    live.add(r.id)
+                gens, new = self.prefill(self.batch(plan[step]))
+                self._consume(gens, results, live)
+                new = self._maybe_filter(new, live)
+            if current is not None:
+                current = self._maybe_filter(current, live)
+            batches = [b for b in (current, new) if b is not None]
+            if batches:
+                gens, current = self.decode(batches)
+                self._consume(gens, results, live)
+                current = self._maybe_filter(current, live)
+            elif not any(k > step for k in plan):
+                break
+        assert not live, f"requests never finished: {live}"
+        return results
+
+    def _consume(self, gens, results: dict[int, Result], live: set[int]) -> None:
+        for g in gens:
+            if g.request_id not in live:
+                continue  # cancelled: the router drops its generations
+            res = results[g.request_id]
+            assert len(g.tokens.ids) == len(g.tokens.logprobs) == len(g.tokens.texts) == len(g.tokens.is_special) >= 1
+            if g.HasField("prefill_tokens"):
+                assert res.prefill is None, "prefill_tokens must come only once"
+                res.prefill = g.prefill_tokens
+            res.ids += g.tokens.ids
+            res.logprobs += g.tokens.logprobs
+            res.texts += g.tokens.texts
+            res.top_tokens += [list(t.ids) for t in g.top_tokens]
+            if g.HasField("generated_text"):
+                gt = g.generated_text
+                assert gt.generated_tokens >= 1
+                res.generated_text, res.finish_reason = gt.text, gt.finish_reason
+                res.generated_tokens = gt.generated_tokens
+                res.seed = gt.seed if gt.HasField("seed") else None
+                live.discard(g.request_id)
+                self.release(g.request_id)
+
+    def _maybe_filter(self, batch: pb.CachedBatch | None, live: set[int]) -> pb.CachedBatch | None:
+        if batch is None:
+            return None
+        assert batch.size == len(batch.request_ids)
+        keep = [i for i in batch.request_ids if i in live]
+        if not keep:
+            self.clear(batch.id)
+            return None
+        if len(keep) != batch.size:
+            return self.filter(batch.id, keep)
+        return batch
+
+
+def start_shard(model_dir, uds_path: str, extra_args: list[str] = (), env: dict | None = None,
+                rank: int = 0, world_size: int = 1, timeout: float = 120.0) -> subprocess.Popen:
+    """Start ``text-generation-server serve`` as the launcher does and wait for its socket."""
+    socket = f"{uds_path}-{rank}"
+    if os.path.exists(socket):
+        os.unlink(socket)
+    full_env = dict(os.environ)
+    full_env.update({"ATTENTION": "paged", "PREFIX_CACHING": "0", "RANK": str(rank),
+                     "WORLD_SIZE": str(world_size), "TGI_NPU_KV_CACHE_FRACTION": "0.01"})
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "tgi_npu_backend.cli", "serve", str(model_dir),
+           "--uds-path", uds_path, "--logger-level", "INFO", "--json-output",
+           "--otlp-service-name", "text-generation-inference.router", *extra_args]
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not os.path.exists(socket):
+        if proc.poll() is not None:
+            raise RuntimeError(f"shard exited with {proc.returncode}: {proc.stderr.read()}\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            proc.kill()
+            raise TimeoutError(f"shard socket {socket} did not appear in {timeout}s")
+        time.sleep(0.1)
+    return proc
+

@@ -1,0 +1,123 @@
+"""``text-generation-server``: the command the stock TGI launcher runs (``serve``, ``download-weights``).
+
+This is the only module that reads the environment; it builds a frozen ServerConfig.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from loguru import logger
+
+from .config import ServerConfig, normalize_log_level
+
+KV_FRACTION_HELP = (
+    "Share of memory given to the paged KV pool, measured after the model is loaded and the "
+    "warmup batch has run: on CPU a share of MemAvailable (/proc/meminfo, default 0.2), on NPU a "
+    "share of free device memory (default 0.9). Env: TGI_NPU_KV_CACHE_FRACTION."
+)
+
+
+def setup_logging(level: str | None, json_output: bool) -> None:
+    """loguru on stdout; with --json-output one serialized JSON record per line (the launcher
+    parses ``record.level.name`` and ``text``)."""
+    logger.remove()
+    if level is None:  # --logger-level OFF
+        return
+    logger.add(
+        sys.stdout,
+        format="{message}",
+        filter="tgi_npu_backend",
+        level=level,
+        serialize=json_output,
+        backtrace=True,
+        diagnose=False,
+    )
+
+
+def _fail(message: str) -> None:
+    logger.error(message)
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group()
+def main() -> None:
+    """TGI v3 model server (shard) for BLOOM and Gemma on Ascend NPUs (CPU fallback)."""
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--revision", default=None)
+@click.option("--sharded/--no-sharded", default=False, help="Tensor parallel: RANK/WORLD_SIZE from env.")
+@click.option("--quantize", default=None, help="Not supported yet: any value is refused.")
+@click.option("--speculate", type=int, default=None, help="Not supported: any value > 0 is refused.")
+@click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (CPU default float32).")
+@click.option("--kv-cache-dtype", default=None, help="Not supported: any value is refused.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False)
+@click.option("--uds-path", default="/tmp/text-generation-server", help="Socket base; '-{rank}' is appended.")
+@click.option("--logger-level", default="INFO", help="TRACE|DEBUG|INFO|WARN|ERROR|OFF")
+@click.option("--json-output/--no-json-output", default=False)
+@click.option("--otlp-endpoint", default=None, help="Accepted; tracing export is not implemented.")
+@click.option("--otlp-service-name", default="text-generation-inference.server")
+@click.option("--max-input-tokens", type=int, default=None)
+@click.option("--device", default="auto", help="auto | cpu | npu (env TGI_NPU_DEVICE).")
+@click.option("--block-size", type=int, default=None, help="KV block size (multiple of 16, <= 128). Env: TGI_NPU_BLOCK_SIZE.")
+@click.option("--kv-cache-fraction", type=float, default=None, help=KV_FRACTION_HELP)
+def serve(model_id: str, **flags) -> None:
+    """Serve MODEL_ID (local directory or hub id) over TGI's v3 gRPC interface."""
+    try:
+        config = ServerConfig.from_cli(model_id=model_id, env=dict(os.environ), **flags)
+    except ValueError as err:
+        setup_logging("INFO", flags.get("json_output", False))
+        _fail(str(err))
+    setup_logging(config.log_level, config.json_output)
+    if config.otlp_endpoint:
+        logger.warning(f"--otlp-endpoint {config.otlp_endpoint}: tracing export is not implemented; ignored")
+    from .server import serve as run_server
+
+    try:
+        run_server(config)
+    except ValueError as err:  # unsupported model, bad checkpoint, impossible sizes
+        _fail(str(err))
+
+
+@main.command("download-weights")
+@click.argument("model_id")
+@click.option("--revision", default=None)
+@click.option("--extension", default=".safetensors")
+@click.option("--auto-convert/--no-auto-convert", default=True)
+@click.option("--logger-level", default="INFO")
+@click.option("--json-output/--no-json-output", default=False)
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False)
+@click.option("--merge-lora/--no-merge-lora", default=False, help="Accepted; LoRA adapters are not supported.")
+def download_weights(
+    model_id: str,
+    revision: str | None,
+    extension: str,
+    auto_convert: bool,
+    logger_level: str,
+    json_output: bool,
+    trust_remote_code: bool,
+    merge_lora: bool,
+) -> None:
+    """Make MODEL_ID's safetensors weights available locally (converting .bin safely if needed)."""
+    try:
+        setup_logging(normalize_log_level(logger_level), json_output)
+    except ValueError as err:
+        setup_logging("INFO", json_output)
+        _fail(str(err))
+    from .hub import download_weights as fetch
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    try:
+        path = fetch(model_id, revision=revision, extension=extension, auto_convert=auto_convert, cache_dir=cache)
+    except ValueError as err:
+        _fail(str(err))
+    logger.info(f"weights for {model_id} are in {path}")
+
+
+if __name__ == "__main__":
+    main()

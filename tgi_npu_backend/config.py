@@ -1,0 +1,189 @@
+"""The shard's configuration: flags and environment, read once at the edge into a frozen dataclass.
+
+``cli.py`` is the only module that reads ``os.environ``; it hands the mapping to
+``ServerConfig.from_cli``. Everything downstream receives this object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "npu")
+
+# tracing level names the TGI launcher may pass -> loguru level names (None = logging off)
+LOG_LEVELS: dict[str, str | None] = {
+    "TRACE": "TRACE",
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARN": "WARNING",
+    "WARNING": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "CRITICAL",
+    "OFF": None,
+}
+
+DEFAULT_CPU_KV_FRACTION = 0.2  # share of MemAvailable given to the KV pool on CPU
+DEFAULT_NPU_KV_FRACTION = 0.9  # share of free device memory after warmup (TGI_WIGGLE_ROOM-like)
+
+
+def _flag_error(flag: str, value: object, why: str) -> ValueError:
+    return ValueError(f"{flag} {value}: {why}")
+
+
+def normalize_log_level(level: str) -> str | None:
+    key = level.strip().upper()
+    if key not in LOG_LEVELS:
+        raise _flag_error("--logger-level", level, f"unknown level; use one of {', '.join(LOG_LEVELS)}")
+    return LOG_LEVELS[key]
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_id: str
+    revision: str | None = None
+    sharded: bool = False
+    dtype: str | None = None  # None: float32 on CPU, the checkpoint's half type on NPU
+    trust_remote_code: bool = False
+    uds_path: str = "/tmp/text-generation-server"
+    log_level: str | None = "INFO"
+    json_output: bool = False
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "text-generation-inference.server"
+    max_input_tokens: int | None = None
+    # distributed (launcher environment)
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "localhost"
+    master_port: int = 29500
+    # hints from the launcher: the router only uses what Info returns
+    attention_hint: str | None = None
+    prefix_caching_hint: str | None = None
+    # model files
+    hub_cache: str | None = None
+    # generation
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
+    # backend tuning (ours; the stock launcher passes none of these)
+    device: str = "auto"
+    block_size: int | None = None  # None: the attention backend's recommendation
+    kv_cache_fraction: float | None = None  # None: per-device default (see --help)
+
+    @property
+    def socket_path(self) -> str:
+        return f"{self.uds_path}-{self.rank}"
+
+    @property
+    def server_urls(self) -> list[str]:
+        return [f"unix://{self.uds_path}-{r}" for r in range(self.world_size)]
+
+    @classmethod
+    def from_cli(
+        cls,
+        *,
+        model_id: str,
+        env: Mapping[str, str],
+        revision: str | None = None,
+        sharded: bool = False,
+        quantize: str | None = None,
+        speculate: int | None = None,
+        dtype: str | None = None,
+        kv_cache_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        uds_path: str = "/tmp/text-generation-server",
+        logger_level: str = "INFO",
+        json_output: bool = False,
+        otlp_endpoint: str | None = None,
+        otlp_service_name: str = "text-generation-inference.server",
+        max_input_tokens: int | None = None,
+        device: str = "auto",
+        block_size: int | None = None,
+        kv_cache_fraction: float | None = None,
+    ) -> ServerConfig:
+        """Validate flags + environment; refuse what this shard cannot honour, naming the flag."""
+        if quantize:
+            raise _flag_error(
+                "--quantize", quantize,
+                "quantization is not supported by this shard yet; serve an unquantized checkpoint",
+            )
+        if speculate:
+            raise _flag_error("--speculate", speculate, "speculative decoding is not supported; drop the flag")
+        if kv_cache_dtype:
+            raise _flag_error(
+                "--kv-cache-dtype", kv_cache_dtype, "fp8 KV caches are not supported; drop the flag"
+            )
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise _flag_error("--dtype", dtype, f"use one of {', '.join(SUPPORTED_DTYPES)}")
+        if device not in DEVICES:
+            raise _flag_error("--device", device, f"use one of {', '.join(DEVICES)}")
+        if max_input_tokens is not None and max_input_tokens < 1:
+            raise _flag_error("--max-input-tokens", max_input_tokens, "must be at least 1")
+        if env.get("LORA_ADAPTERS"):
+            raise ValueError(
+                f"LORA_ADAPTERS={env['LORA_ADAPTERS']!r}: LoRA adapters are not supported by this "
+                "shard; start the launcher without --lora-adapters"
+            )
+        log_level = normalize_log_level(logger_level)
+
+        rank = _env_int(env, "RANK") or 0
+        world_size = _env_int(env, "WORLD_SIZE") or 1
+        if sharded and ("RANK" not in env or "WORLD_SIZE" not in env):
+            raise ValueError("--sharded needs RANK and WORLD_SIZE in the environment (the launcher sets them)")
+        if not sharded and world_size > 1:
+            raise ValueError(f"WORLD_SIZE={world_size} but --sharded was not passed")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} must be in [0, WORLD_SIZE={world_size})")
+
+        if block_size is None:
+            block_size = _env_int(env, "TGI_NPU_BLOCK_SIZE")
+        if kv_cache_fraction is None and env.get("TGI_NPU_KV_CACHE_FRACTION"):
+            kv_cache_fraction = _env_float(env, "TGI_NPU_KV_CACHE_FRACTION", 0.0)
+        if kv_cache_fraction is not None and not 0.0 < kv_cache_fraction <= 1.0:
+            raise _flag_error("--kv-cache-fraction", kv_cache_fraction, "must be in (0, 1]")
+
+        return cls(
+            model_id=model_id,
+            revision=revision,
+            sharded=sharded,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            uds_path=uds_path,
+            log_level=log_level,
+            json_output=json_output,
+            otlp_endpoint=otlp_endpoint,
+            otlp_service_name=otlp_service_name,
+            max_input_tokens=max_input_tokens,
+            rank=rank,
+            world_size=world_size,
+            master_addr=env.get("MASTER_ADDR", "localhost"),
+            master_port=_env_int(env, "MASTER_PORT") or 29500,
+            attention_hint=env.get("ATTENTION"),
+            prefix_caching_hint=env.get("PREFIX_CACHING"),
+            hub_cache=env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"),
+            watermark_gamma=_env_float(env, "WATERMARK_GAMMA", 0.5),
+            watermark_delta=_env_float(env, "WATERMARK_DELTA", 2.0),
+            device=env.get("TGI_NPU_DEVICE", device) if device == "auto" else device,
+            block_size=block_size,
+            kv_cache_fraction=kv_cache_fraction,
+        )

@@ -1,0 +1,285 @@
+"""The shard's behaviour behind the eight RPCs, free of gRPC types except the batch messages.
+
+Protocol facts this class keeps (see shared/tgi/PROTOCOL.md section 0):
+* the warmup batch (all ids 0, no blocks) runs on a temporary KV cache and is not cached;
+* the KV pool is sized once by warmup and persists across batches and ClearCache;
+* Prefill/Decode return the batch still holding just-finished requests (the router filters);
+* an unknown batch id in Decode/FilterBatch is an error that changes nothing; in ClearCache a no-op;
+* each request's Generation is produced by exactly one rank (``request.id % world_size``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from loguru import logger
+
+from tgi_npu_backend.pb import generate_pb2 as pb
+
+from . import device as devices
+from .batch import Batch, BatchContext
+from .errors import BatchNotFoundError, InvalidRequestError
+from .kv_cache import KVCache, KVCacheSpec
+from .model_runner import ModelRunner
+from .outputs import GeneratedText, Generation, StepOutput, Tokens
+from .sampling import top_n_tokens
+
+
+def _now() -> int:
+    return time.perf_counter_ns()
+
+
+class Generator:
+    def __init__(
+        self,
+        *,
+        model,
+        tokenizer,
+        backend,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        kv_spec: KVCacheSpec,
+        eos_token_ids: frozenset[int],
+        model_max_length: int | None,
+        rank: int = 0,
+        world_size: int = 1,
+        kv_cache_fraction: float | None = None,
+        max_input_tokens: int | None = None,
+        watermark_gamma: float = 0.5,
+        watermark_delta: float = 2.0,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.kv_spec = kv_spec
+        self.eos_token_ids = eos_token_ids
+        self.model_max_length = model_max_length
+        self.rank = rank
+        self.world_size = world_size
+        self.kv_cache_fraction = kv_cache_fraction
+        self.max_input_tokens = max_input_tokens  # --max-input-tokens until Warmup decides
+        self.watermark = (watermark_gamma, watermark_delta)
+        self.runner = ModelRunner(model, device)
+        self.kv_cache: KVCache | None = None
+        self.cache: dict[int, Batch] = {}
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+
+    # ------------------------------------------------------------------ info
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            requires_padding=False,
+            dtype=str(self.dtype),
+            device_type=self.device.type,
+            speculate=0,
+            support_chunking=False,
+            use_prefix_caching=False,
+            attention_impl=f"paged-{self.backend.name}",
+            block_size=self.block_size,
+        )
+
+    def health(self) -> None:
+        probe = torch.ones((2, 2), device=self.device)
+        if float((probe @ probe).sum()) != 8.0:
+            raise RuntimeError(f"device {self.device} returned a wrong result for a 2x2 matmul")
+
+    # ------------------------------------------------------------------ batch cache
+    def clear(self, batch_id: int | None) -> None:
+        if batch_id is None:
+            self.cache.clear()
+        else:
+            self.cache.pop(batch_id, None)
+
+    def _take(self, batch_ids: list[int]) -> list[Batch]:
+        missing = [i for i in batch_ids if i not in self.cache]
+        if missing:
+            raise BatchNotFoundError(
+                f"batch id(s) {missing} are not cached on this shard (cached: {sorted(self.cache)})"
+            )
+        return [self.cache.pop(i) for i in batch_ids]
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch:
+        if batch_id not in self.cache:
+            raise BatchNotFoundError(f"FilterBatch: batch {batch_id} is not cached on this shard")
+        batch = self.cache[batch_id].filter(request_ids)  # raises before changing anything
+        self.cache[batch_id] = batch
+        return batch.to_pb(self.block_size)
+
+    def _context(self, warmup: bool) -> BatchContext:
+        return BatchContext(
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.block_size,
+            num_slots=0 if warmup else self.kv_cache.num_slots,
+            max_input_tokens=self.max_input_tokens,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            watermark_gamma=self.watermark[0],
+            watermark_delta=self.watermark[1],
+        )
+
+    # ------------------------------------------------------------------ RPCs
+    def prefill(self, batch_pb: pb.Batch) -> StepOutput:
+        start = _now()
+        if self.kv_cache is None:
+            raise InvalidRequestError("Prefill before Warmup: the KV pool is sized by Warmup; call it first")
+        batch = Batch.from_pb(batch_pb, self._context(warmup=False))
+        return self._step(batch, start, concat_ns=None)
+
+    def decode(self, batch_ids: list[int]) -> StepOutput:
+        start = _now()
+        if not batch_ids:
+            raise InvalidRequestError("Decode needs at least one batch")
+        batches = self._take(batch_ids)
+        concat_ns = None
+        if len(batches) > 1:
+            t = _now()
+            batch = Batch.concatenate(batches)
+            concat_ns = _now() - t
+        else:
+            batch = batches[0]
+        live = [r.id for r in batch.requests if not r.finished]
+        if len(live) < len(batch):  # the router filters finished requests; be safe if it did not
+            batch = batch.filter(live)
+        return self._step(batch, start, concat_ns)
+
+    def _step(self, batch: Batch, start: int, concat_ns: int | None) -> StepOutput:
+        generations, next_batch, forward_ns, decode_ns = self.generate_token(batch, self.kv_cache)
+        cached = None
+        if next_batch is not None:
+            self.cache[next_batch.id] = next_batch
+            cached = next_batch.to_pb(self.block_size)
+        return StepOutput(generations, cached, forward_ns, decode_ns, _now() - start, concat_ns)
+
+    def warmup(
+        self, batch_pb: pb.Batch, max_input: int | None, max_prefill: int, max_total: int | None
+    ) -> tuple[int, int, int]:
+        """Run the router's warmup batch on a temporary cache, then size the persistent KV pool."""
+        self.cache.clear()
+        self.kv_cache = None  # a repeated Warmup (router restart) re-sizes the pool
+        devices.empty_cache(self.device)
+        batch = Batch.from_pb(batch_pb, self._context(warmup=True), warmup=True)
+        temp_blocks = max(b for r in batch.requests for b in r.blocks) + 1
+        temp = KVCache(self.kv_spec, temp_blocks, self.backend, self.device)
+        n_tokens = sum(r.input_length for r in batch.requests)
+        try:
+            _, next_batch, _, _ = self.generate_token(batch, temp)  # prefill: the memory peak
+            if next_batch is not None:
+                self.generate_token(next_batch, temp)  # one decode step compiles decode kernels
+            devices.synchronize(self.device)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"Not enough memory to handle {n_tokens} prefill tokens. "
+                "You need to decrease `--max-batch-prefill-tokens`"
+            ) from err
+        del temp, batch
+        devices.empty_cache(self.device)
+
+        num_blocks = self.kv_spec.blocks_for(devices.kv_cache_budget(self.device, self.kv_cache_fraction))
+        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.backend, self.device)
+        capacity = self.kv_cache.num_slots
+        max_input, max_total = self._limits(max_input, max_prefill, max_total, capacity)
+        self.max_input_tokens = max_input
+        logger.info(
+            f"KV pool: {num_blocks} blocks x {self.block_size} tokens = {capacity} tokens "
+            f"({num_blocks * self.kv_spec.bytes_per_block / 2**20:.1f} MiB); "
+            f"max_input_tokens={max_input} max_total_tokens={max_total}"
+        )
+        return capacity, max_input, max_total
+
+    def _limits(
+        self, max_input: int | None, max_prefill: int, max_total: int | None, capacity: int
+    ) -> tuple[int, int]:
+        """Echo the router's limits when set; otherwise pick values the router accepts:
+        max_input < max_total <= capacity and, without chunking, max_input <= max_prefill."""
+        if max_input is None:
+            max_input = self.max_input_tokens
+        if max_total is not None and max_total > capacity:
+            raise InvalidRequestError(
+                f"Not enough memory: max_total_tokens={max_total} but the KV pool holds {capacity} "
+                "tokens; lower --max-total-tokens or give the KV pool more memory (--kv-cache-fraction)"
+            )
+        if max_total is None:
+            limit = min(capacity, self.model_max_length or capacity)
+            max_total = limit if max_input is None else max(max_input + 1, limit)
+            max_total = min(max_total, capacity)
+        if max_input is None:
+            max_input = min(max_total - 1, max_prefill)
+        if not 0 < max_input < max_total:
+            raise InvalidRequestError(
+                f"max_input_tokens={max_input} must be smaller than max_total_tokens={max_total} "
+                f"(KV pool: {capacity} tokens)"
+            )
+        return max_input, max_total
+
+    # ------------------------------------------------------------------ one step
+    def generate_token(self, batch: Batch, kv_cache: KVCache) -> tuple[list[Generation], Batch | None, int, int]:
+        start = _now()
+        was_prefill = batch.is_prefill
+        out = self.runner.forward(batch, kv_cache)
+        next_ids, logprobs = batch.chooser(out.next_logits, [r.all_ids for r in batch.requests])
+        chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+        tops = None
+        if any(r.top_n > 0 for r in batch.requests):
+            tops = top_n_tokens(logprobs, [r.top_n if r.owned else 0 for r in batch.requests])
+        next_ids_l = next_ids.tolist()  # device -> host sync: end of the forward part
+        chosen_l = chosen_logprobs.tolist()
+        forward_ns = _now() - start
+
+        start = _now()
+        generations = []
+        for i, r in enumerate(batch.requests):
+            if r.finished:
+                continue
+            token = next_ids_l[i]
+            r.prefilled = True
+            r.all_ids.append(token)
+            r.generated.append(token)
+            special = token in self.special_ids
+            piece = r.detokenizer.step(token, special)
+            stop, reason = r.stopping(token, "" if special else piece)
+            generated_text = None
+            if stop:
+                r.finished = True
+                remainder = r.detokenizer.finish()
+                if not special:
+                    piece += remainder
+                generated_text = GeneratedText(
+                    text=r.detokenizer.final_text(),
+                    generated_tokens=len(r.generated),
+                    finish_reason=reason,
+                    seed=r.params.seed if r.params.is_sampling else None,
+                )
+            if not r.owned:
+                continue
+            gen = Generation(
+                request_id=r.id,
+                tokens=Tokens([token], [chosen_l[i]], [piece], [special]),
+                generated_text=generated_text,
+            )
+            if was_prefill and r.prefill_logprobs:
+                gen.prefill_tokens = self._prefill_tokens(r, out.prompt_logprobs[i])
+            if tops is not None and r.top_n > 0:
+                ids, lps = tops[i]
+                gen.top_tokens = [Tokens(ids, lps, self._texts(ids), [t in self.special_ids for t in ids])]
+            generations.append(gen)
+        decode_ns = _now() - start
+        if all(r.finished for r in batch.requests):
+            return generations, None, forward_ns, decode_ns
+        return generations, batch, forward_ns, decode_ns
+
+    def _texts(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+
+    def _prefill_tokens(self, r, computed) -> Tokens:
+        """Prompt tokens with the logprob of each given the ones before (first: NaN, as TGI);
+        positions whose KV came from the prefix cache were not computed: NaN too."""
+        logprobs = [math.nan] * (r.cache_len + 1) + (computed.tolist() if computed is not None else [])
+        ids = r.prompt_ids
+        return Tokens(ids=ids, logprobs=logprobs[: len(ids)], texts=self._texts(ids), is_special=[])

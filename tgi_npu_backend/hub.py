@@ -1,0 +1,145 @@
+"""Finding and fetching model files: local directories and Hugging Face Hub ids.
+
+``download_weights`` is what ``text-generation-server download-weights`` runs (the launcher always
+runs it first, also for local directories); ``resolve_model_dir`` is what ``serve`` uses to find
+the files afterwards, without touching the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+# Files a shard needs besides the weights.
+AUX_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "*.safetensors.index.json",
+]
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def _hub_error(model_id: str, err: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not fetch {model_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+        "Check the model id and revision, HF_TOKEN for gated models, and network access; "
+        "offline, pass a local directory or pre-fill the cache (HF_HUB_CACHE)."
+    )
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """The local directory holding ``model_id``'s files (a path, or a cached hub snapshot)."""
+    path = Path(model_id)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(model_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        )
+    except Exception as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, ...
+        raise ModelNotFoundError(
+            f"model {model_id!r} is neither a local directory nor in the hub cache "
+            f"({type(err).__name__}); run `text-generation-server download-weights {model_id}` first"
+        ) from err
+
+
+def _safetensors_in(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def _pickled_weights_in(path: Path) -> list[Path]:
+    return sorted([*path.glob("*.bin"), *path.glob("*.pt")])
+
+
+def convert_to_safetensors(pt_files: list[Path]) -> list[Path]:
+    """Convert PyTorch pickles to ``.safetensors`` next to them, without executing pickled code.
+
+    ``torch.load(weights_only=True)`` refuses arbitrary objects; tensors that share storage
+    (tied weights) are written once; the result is re-read and compared.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for pt in pt_files:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+        if "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        seen: dict[tuple[int, int], str] = {}
+        tensors = {}
+        for name, tensor in state.items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+            if key in seen and state[seen[key]].shape == tensor.shape:
+                logger.info(f"{pt.name}: {name} shares storage with {seen[key]}; stored once")
+                continue
+            seen[key] = name
+            tensors[name] = tensor.contiguous()
+        target = pt.with_suffix(".safetensors")
+        save_file(tensors, str(target), metadata={"format": "pt"})
+        reloaded = load_file(str(target))
+        for name, tensor in tensors.items():
+            if not torch.equal(reloaded[name], tensor):
+                raise ValueError(f"conversion of {pt} changed tensor {name}")
+        logger.info(f"converted {pt} -> {target}")
+        out.append(target)
+    return out
+
+
+def download_weights(
+    model_id: str,
+    revision: str | None = None,
+    extension: str = ".safetensors",
+    auto_convert: bool = True,
+    cache_dir: str | None = None,
+) -> Path:
+    """Make ``model_id``'s weights available locally as safetensors; returns the directory."""
+    if extension != ".safetensors":
+        raise ValueError(f"--extension {extension}: only .safetensors weights are served")
+    path = Path(model_id)
+    if path.is_dir():
+        if _safetensors_in(path):
+            logger.info(f"found safetensors weights in {path}")
+            return path
+        pickled = _pickled_weights_in(path)
+        if pickled and auto_convert:
+            convert_to_safetensors(pickled)
+            return path
+        raise ModelNotFoundError(
+            f"no *.safetensors weights in {path}"
+            + (" (pass --auto-convert to convert the .bin files)" if pickled else "")
+        )
+
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:  # already cached: no network
+        cached = resolve_model_dir(model_id, revision, cache_dir)
+        if _safetensors_in(cached):
+            logger.info(f"found cached safetensors weights for {model_id} in {cached}")
+            return cached
+    except ModelNotFoundError:
+        pass
+    try:
+        files = HfApi().list_repo_files(model_id, revision=revision)
+        has_safetensors = any(f.endswith(".safetensors") for f in files)
+        patterns = AUX_PATTERNS + (["*.safetensors"] if has_safetensors else ["*.bin"])
+        local = Path(
+            snapshot_download(model_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+        )
+    except Exception as err:
+        raise _hub_error(model_id, err) from err
+    if not has_safetensors:
+        if not auto_convert:
+            raise ModelNotFoundError(f"{model_id} has no safetensors weights; pass --auto-convert")
+        convert_to_safetensors(_pickled_weights_in(local))
+    return local

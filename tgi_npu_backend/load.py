@@ -1,0 +1,94 @@
+"""Startup: ServerConfig -> device, process group, kernels, model, tokenizer -> Generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loguru import logger
+
+from tgi_npu_backend.kernels import check_block_size, get_backend
+from tgi_npu_backend.models.registry import load_model, read_model_config
+
+from . import device as devices
+from .config import ServerConfig
+from .distributed import init_parallel
+from .generator import Generator
+from .hub import resolve_model_dir
+from .kv_cache import KVCacheSpec
+
+DEFAULT_BLOCK_SIZE = 16  # CPU; the NPU backend recommends its own (128, or 64 for head_dim 256)
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    # NOTE: left truncation, as TGI's server and router tokenize (PROTOCOL.md 0.12)
+    return AutoTokenizer.from_pretrained(
+        model_dir, padding_side="left", truncation_side="left", trust_remote_code=trust_remote_code
+    )
+
+
+def eos_token_ids(model_dir: Path, config_eos: tuple[int, ...], tokenizer) -> frozenset[int]:
+    """generation_config.json's eos_token_id (int or list) wins, then config.json, then the tokenizer."""
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.exists():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        if eos is not None:
+            return frozenset(eos if isinstance(eos, list) else [eos])
+    if config_eos:
+        return frozenset(config_eos)
+    return frozenset([tokenizer.eos_token_id]) if tokenizer.eos_token_id is not None else frozenset()
+
+
+def model_max_length(max_position_embeddings: int | None, tokenizer) -> int | None:
+    if max_position_embeddings:
+        return max_position_embeddings
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if n and n < 10**7 else None  # HF uses a huge sentinel when unknown
+
+
+def build_generator(config: ServerConfig) -> Generator:
+    model_dir = resolve_model_dir(config.model_id, config.revision, config.hub_cache)
+    model_config = read_model_config(model_dir)  # refuses unsupported architectures early
+    device = devices.select_device(config.device, config.rank)
+    dtype = devices.select_dtype(config.dtype, device, model_config.torch_dtype)
+    parallel = init_parallel(
+        config.rank, config.world_size, config.master_addr, config.master_port, device.type
+    )
+    backend = get_backend(device)
+    block_size = config.block_size
+    if block_size is None:
+        recommend = getattr(backend, "recommended_block_size", None)
+        block_size = recommend(model_config.head_dim) if recommend else DEFAULT_BLOCK_SIZE
+    check_block_size(block_size)
+    logger.info(
+        f"loading {model_config.model_type} from {model_dir} on {device} as {dtype} "
+        f"(rank {parallel.rank}/{parallel.world_size}, attention {backend.name}, block size {block_size})"
+    )
+    model = load_model(model_dir, dtype=dtype, device=device, backend=backend, parallel=parallel)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    kv_spec = KVCacheSpec(
+        num_layers=model_config.num_layers,
+        num_kv_heads=model_config.kv_heads_per_rank(parallel.world_size),
+        head_dim=model_config.head_dim,
+        block_size=block_size,
+        dtype=dtype,
+    )
+    return Generator(
+        model=model,
+        tokenizer=tokenizer,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        block_size=block_size,
+        kv_spec=kv_spec,
+        eos_token_ids=eos_token_ids(model_dir, model_config.eos_token_ids, tokenizer),
+        model_max_length=model_max_length(model_config.max_position_embeddings, tokenizer),
+        rank=parallel.rank,
+        world_size=parallel.world_size,
+        kv_cache_fraction=config.kv_cache_fraction,
+        max_input_tokens=config.max_input_tokens,
+        watermark_gamma=config.watermark_gamma,
+        watermark_delta=config.watermark_delta,
+    )

@@ -1,0 +1,109 @@
+"""The gRPC servicer (protobuf in, protobuf out: each RPC delegates to the Generator) and the
+serve loop on ``unix://{uds_path}-{rank}``.
+
+Generator calls run on one worker thread, in arrival order (the router sends Prefill/Decode
+strictly one after another), so the event loop stays free for Health and signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+from loguru import logger
+
+from tgi_npu_backend.pb import generate_pb2 as pb
+from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .generator import Generator
+from .interceptor import ExceptionInterceptor
+
+
+class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, generator: Generator, server_urls: list[str]):
+        self.generator = generator
+        self.server_urls = server_urls
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def Info(self, request, context):
+        return self.generator.info()
+
+    async def Health(self, request, context):
+        await self._run(self.generator.health)
+        return pb.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):
+        return pb.ServiceDiscoveryResponse(urls=self.server_urls)  # every rank, rank 0 included
+
+    async def ClearCache(self, request, context):
+        await self._run(self.generator.clear, request.id if request.HasField("id") else None)
+        return pb.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context):
+        batch = await self._run(self.generator.filter, request.batch_id, list(request.request_ids))
+        return pb.FilterBatchResponse(batch=batch)
+
+    async def Warmup(self, request, context):
+        max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
+        max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
+        supported, max_input, max_total = await self._run(
+            self.generator.warmup, request.batch, max_input, request.max_prefill_tokens, max_total
+        )
+        return pb.WarmupResponse(
+            max_supported_total_tokens=supported, max_input_tokens=max_input, max_total_tokens=max_total
+        )
+
+    async def Prefill(self, request, context):
+        if request.HasField("cached_batch"):
+            raise ValueError("Prefill with cached_batch needs chunking, which this shard does not declare")
+        out = await self._run(self.generator.prefill, request.batch)
+        return out.to_pb(pb.PrefillResponse)
+
+    async def Decode(self, request, context):
+        out = await self._run(self.generator.decode, [b.id for b in request.batches])
+        return out.to_pb(pb.DecodeResponse)
+
+
+async def serve_async(config: ServerConfig, generator: Generator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server(
+        interceptors=[ExceptionInterceptor(on_fatal=stop.set)],
+        options=[
+            ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.max_send_message_length", 2**31 - 1),
+        ],
+    )
+    pb_grpc.add_TextGenerationServiceServicer_to_server(
+        TextGenerationService(generator, config.server_urls), server
+    )
+    names = (pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    if os.path.exists(config.socket_path):
+        os.unlink(config.socket_path)  # a stale socket from an earlier run
+    server.add_insecure_port(f"unix://{config.socket_path}")
+    await server.start()  # the socket file appears now: the launcher's readiness signal
+    logger.info(f"Server started at unix://{config.socket_path}")
+    await stop.wait()
+    logger.info("Signal received. Shutting down")
+    await server.stop(grace=5)
+    if os.path.exists(config.socket_path):
+        os.unlink(config.socket_path)
+
+
+def serve(config: ServerConfig) -> None:
+    from .load import build_generator
+
+    generator = build_generator(config)  # the model is loaded before any socket exists
+    asyncio.run(serve_async(config, generator))
