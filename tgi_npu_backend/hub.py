@@ -73,7 +73,13 @@ def convert_to_safetensors(pt_files: list[Path]) -> list[Path]:
 
     out = []
     for pt in pt_files:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle.UnpicklingError for anything but plain tensors
+            raise ValueError(
+                f"{pt} holds more than plain tensors and was not loaded ({type(err).__name__}); "
+                "convert it to safetensors in a trusted environment"
+            ) from err
         if "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         seen: dict[tuple[int, int], str] = {}

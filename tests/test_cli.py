@@ -1,0 +1,155 @@
+"""The command line the stock launcher runs: every flag it passes, the env it sets, the log format
+it parses, and download-weights for local directories, .bin checkpoints and hub ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from router_sim import start_shard
+from tgi_npu_backend.cli import main
+from tgi_npu_backend.config import ServerConfig
+
+LAUNCHER_ENV = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
+                "ATTENTION": "flashinfer", "PREFIX_CACHING": "true", "HF_HUB_CACHE": "/tmp/hub",
+                "WATERMARK_GAMMA": "0.25", "WATERMARK_DELTA": "1.5", "CUDA_GRAPHS": "1,2,4",
+                "DISABLE_CUSTOM_KERNELS": "True", "HF_HUB_ENABLE_HF_TRANSFER": "1"}
+
+
+def test_config_reads_launcher_env_as_hints():
+    cfg = ServerConfig.from_cli(model_id="m", env=LAUNCHER_ENV, logger_level="WARN")
+    assert (cfg.rank, cfg.world_size, cfg.master_port) == (0, 1, 29500)
+    assert (cfg.attention_hint, cfg.prefix_caching_hint) == ("flashinfer", "true")
+    assert cfg.hub_cache == "/tmp/hub" and cfg.watermark_gamma == 0.25 and cfg.watermark_delta == 1.5
+    assert cfg.log_level == "WARNING"
+    assert ServerConfig.from_cli(model_id="m", env={}, logger_level="OFF").log_level is None
+    env = dict(LAUNCHER_ENV, RANK="1", WORLD_SIZE="2")
+    cfg = ServerConfig.from_cli(model_id="m", env=env, sharded=True)
+    assert cfg.socket_path == "/tmp/text-generation-server-1"
+    assert cfg.server_urls == ["unix:///tmp/text-generation-server-0", "unix:///tmp/text-generation-server-1"]
+
+
+@pytest.mark.parametrize(
+    "flags, env, needle",
+    [
+        ({"quantize": "gptq"}, {}, "--quantize gptq"),
+        ({"speculate": 2}, {}, "--speculate 2"),
+        ({"kv_cache_dtype": "fp8_e5m2"}, {}, "--kv-cache-dtype"),
+        ({"dtype": "float64"}, {}, "--dtype float64"),
+        ({"logger_level": "LOUD"}, {}, "--logger-level LOUD"),
+        ({"max_input_tokens": 0}, {}, "--max-input-tokens"),
+        ({}, {"LORA_ADAPTERS": "a,b"}, "LORA_ADAPTERS"),
+        ({"sharded": True}, {}, "RANK and WORLD_SIZE"),
+        ({}, {"RANK": "0", "WORLD_SIZE": "2"}, "--sharded"),
+        ({}, {"TGI_NPU_KV_CACHE_FRACTION": "2"}, "--kv-cache-fraction"),
+    ],
+)
+def test_unsupported_values_name_the_flag(flags, env, needle):
+    with pytest.raises(ValueError, match=needle.replace("-", r"\-")):
+        ServerConfig.from_cli(model_id="m", env=env, **flags)
+
+
+def test_serve_fails_at_startup_naming_the_flag(bloom_dir):
+    res = CliRunner().invoke(main, ["serve", str(bloom_dir), "--quantize", "awq"])
+    assert res.exit_code == 1 and "--quantize awq" in res.output
+
+
+def test_launcher_command_line_json_logs_and_socket(bloom_dir, tmp_path):
+    """The exact argv of launcher/src/main.rs shard_manager; stdout is loguru JSON lines."""
+    uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+    proc = start_shard(
+        bloom_dir, uds, env=LAUNCHER_ENV,
+        extra_args=["--dtype", "bfloat16", "--revision", "main", "--otlp-endpoint", "http://localhost:4317",
+                    "--max-input-tokens", "100"],
+    )
+    proc.terminate()
+    assert proc.wait(30) == 0
+    lines = [json.loads(line) for line in proc.stdout.read().splitlines() if line.strip()]
+    assert lines, "the launcher needs JSON log lines on stdout"
+    for rec in lines:
+        assert rec["text"] and rec["record"]["level"]["name"] in {"TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"}
+    texts = [r["record"]["message"] for r in lines]
+    load = next(i for i, t in enumerate(texts) if t.startswith("loading"))
+    started = next(i for i, t in enumerate(texts) if t.startswith("Server started"))
+    assert load < started and "bfloat16" in texts[load]  # socket only after the model is loaded
+
+
+def test_logger_level_warn_and_off(bloom_dir):
+    for level, expect_info in (("WARN", False), ("OFF", False), ("DEBUG", True)):
+        uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+        proc = start_shard(bloom_dir, uds, extra_args=["--logger-level", level])
+        proc.terminate()
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert ('"INFO"' in out) == expect_info, (level, out[:500])
+
+
+def _download(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "tgi_npu_backend.cli", "download-weights", *args, "--extension", ".safetensors",
+         "--logger-level", "INFO", "--json-output", "--merge-lora"],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120,
+    )
+
+
+def test_download_weights_local_dir(bloom_dir, tmp_path):
+    assert _download(str(bloom_dir)).returncode == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = _download(str(empty))
+    assert res.returncode == 1 and "no *.safetensors" in res.stderr
+
+
+def test_download_weights_converts_bin_without_unpickling_code(bloom_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin"
+    shutil.copytree(bloom_dir, d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    state["lm_head.weight"] = state["transformer.word_embeddings.weight"]  # shared storage
+    torch.save(state, d / "pytorch_model.bin")
+    assert _download(str(d)).returncode == 0
+    converted = load_file(str(d / "pytorch_model.safetensors"))
+    assert "lm_head.weight" not in converted  # tied tensor stored once
+    assert all(torch.equal(converted[k], v) for k, v in state.items() if k in converted)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/pwned-by-pickle",))
+
+    e = tmp_path / "evil"
+    e.mkdir()
+    torch.save({"x": Evil()}, e / "pytorch_model.bin")
+    res = _download(str(e))
+    assert res.returncode == 1 and "more than plain tensors" in res.stderr
+    assert not os.path.exists("/tmp/pwned-by-pickle")
+
+
+def test_hub_id_from_cache_and_offline_error(bloom_dir, tmp_path):
+    """A hub id resolves through huggingface_hub's cache layout (no network here)."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--bigscience--tiny-bloom" / "snapshots" / "abc123"
+    shutil.copytree(bloom_dir, snap)
+    (cache / "models--bigscience--tiny-bloom" / "refs").mkdir()
+    (cache / "models--bigscience--tiny-bloom" / "refs" / "main").write_text("abc123")
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    assert _download("bigscience/tiny-bloom", env=env).returncode == 0
+    res = _download("bigscience/not-here", env=env)
+    assert res.returncode == 1 and "bigscience/not-here" in res.stderr
+
+    from tgi_npu_backend.hub import resolve_model_dir
+
+    assert resolve_model_dir("bigscience/tiny-bloom", cache_dir=str(cache)) == snap
+    uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+    proc = start_shard("bigscience/tiny-bloom", uds, env=env)  # serve by hub id
+    proc.terminate()
+    assert proc.wait(30) == 0

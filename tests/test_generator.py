@@ -1,0 +1,116 @@
+"""The whole shard pipeline in-process (pb batch -> tokens) against HF transformers, plus the
+generator semantics that need a controlled model config (EOS lists, ownership across ranks)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from router_sim import RouterSim, SimpleAllocator
+from tgi_npu_backend.config import ServerConfig
+from tgi_npu_backend.load import build_generator
+from tgi_npu_backend.pb import generate_pb2 as pb
+
+PROMPTS = ["The quick brown fox", "Hello 深度学习", "def add(a, b):\n    return"]
+STEPS = 16
+
+
+class InProcess:
+    """RouterSim's request building and allocation, calling a Generator directly."""
+
+    def __init__(self, model_dir, **env):
+        cfg = ServerConfig.from_cli(model_id=str(model_dir), env={"TGI_NPU_KV_CACHE_FRACTION": "0.005", **env})
+        self.gen = build_generator(cfg)
+        self.sim = RouterSim("unused", AutoTokenizer.from_pretrained(model_dir, truncation_side="left"))
+        warm = self.sim.warmup_request(None, None, 128, None)
+        supported, self.sim.max_input, self.sim.max_total = self.gen.warmup(warm.batch, None, 128, None)
+        self.sim.allocator = SimpleAllocator(supported // self.gen.block_size, self.gen.block_size)
+
+    def generate(self, requests: list[pb.Request]):
+        """Prefill all together, decode until every request finished; tokens/logprobs per id."""
+        out = {r.id: ([], [], None) for r in requests}
+        step = self.gen.prefill(self.sim.batch(requests))
+        while True:
+            for g in step.generations:
+                ids, lps, _ = out[g.request_id]
+                ids += g.tokens.ids
+                lps += g.tokens.logprobs
+                if g.prefill_tokens is not None:
+                    out[g.request_id] = (ids, lps, g.prefill_tokens)
+            if step.batch is None:
+                break
+            live = [g.request_id for g in step.generations if g.generated_text is None]
+            if len(live) != step.batch.size:
+                self.gen.filter(step.batch.id, live)
+            step = self.gen.decode([step.batch.id])
+        for r in requests:
+            self.sim.release(r.id)
+        return out
+
+
+def hf_greedy(model_dir, prompt: str, steps: int):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    with torch.no_grad():
+        logits = model(out).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)
+    n = ids.shape[1]
+    gen = out[0, n:].tolist()
+    gen_lp = [float(logprobs[n - 1 + i, t]) for i, t in enumerate(gen)]
+    prompt_lp = [float(logprobs[i - 1, ids[0, i]]) for i in range(1, n)]
+    return gen, gen_lp, prompt_lp
+
+
+@pytest.mark.parametrize("fixture", ["bloom_dir", "bloom_noprefix_dir", "gemma_mqa_dir", "gemma_gqa_dir"])
+def test_batched_pipeline_matches_transformers(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    shard = InProcess(model_dir)
+    reqs = [shard.sim.request(p, max_new_tokens=STEPS, ignore_eos=True, prefill_logprobs=True) for p in PROMPTS]
+    got = shard.generate(reqs)
+    for r, prompt in zip(reqs, PROMPTS):
+        ids, lps, prefill = got[r.id]
+        hf_ids, hf_lps, hf_prompt_lps = hf_greedy(model_dir, prompt, STEPS)
+        assert ids == hf_ids
+        assert max(abs(a - b) for a, b in zip(lps, hf_lps)) < 1e-4
+        assert math.isnan(prefill.logprobs[0])
+        assert max(abs(a - b) for a, b in zip(prefill.logprobs[1:], hf_prompt_lps)) < 1e-4
+
+
+def test_eos_list_from_generation_config_stops(gemma_mqa_dir):
+    shard = InProcess(gemma_mqa_dir)
+    req = shard.sim.request("The quick brown fox", max_new_tokens=12, ignore_eos=True)
+    ids, _, _ = shard.generate([req])[req.id]
+    # pretend the 4th greedy token is <end_of_turn>-like: make it one of the EOS ids
+    shard.gen.eos_token_ids = frozenset({1, ids[3]})
+    req = shard.sim.request("The quick brown fox", max_new_tokens=12)
+    step = shard.gen.prefill(shard.sim.batch([req]))
+    finished = None
+    while finished is None:
+        finished = next((g.generated_text for g in step.generations if g.generated_text), None)
+        if finished is None:
+            step = shard.gen.decode([step.batch.id])
+    assert finished.finish_reason == pb.FINISH_REASON_EOS_TOKEN and finished.generated_tokens == ids.index(ids[3]) + 1
+    req = shard.sim.request("The quick brown fox", max_new_tokens=12, ignore_eos=True)
+    assert len(shard.generate([req])[req.id][0]) == 12  # ignore_eos_token keeps going
+
+
+def test_each_generation_comes_from_exactly_one_rank(bloom_dir):
+    """Two generators that believe they are ranks 0 and 1 of 2 split the generations by id."""
+    shard = InProcess(bloom_dir)
+    reqs = [shard.sim.request(p, max_new_tokens=4) for p in PROMPTS]
+    owners = {}
+    for rank in (0, 1):
+        shard.gen.rank, shard.gen.world_size = rank, 2
+        batch = pb.Batch(id=100 + rank, requests=reqs, size=len(reqs))
+        step = shard.gen.prefill(batch)
+        assert step.batch.request_ids == [r.id for r in reqs]  # every rank keeps every request
+        for g in step.generations:
+            assert g.request_id not in owners
+            owners[g.request_id] = rank
+    assert owners == {r.id: r.id % 2 for r in reqs}

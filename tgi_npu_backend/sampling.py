@@ -1,0 +1,358 @@
+"""Next-token choice for a batch of requests with heterogeneous parameters (TGI's token chooser).
+
+Follows TGI's ``HeterogeneousNextTokenChooser`` (``server/text_generation_server/utils/tokens.py``,
+``logits_process.py``, ``watermark.py``): watermark -> repetition penalty -> frequency penalty ->
+warpers (temperature, top-k, top-p, typical-p) -> choice, and returns ``log_softmax`` of the
+*warped* scores as TGI does. Everything is batched over the vocabulary; the only loops are over
+requests that need their own random generator (sampling rows, watermark rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import Tensor
+
+# NOTE: TGI utils/watermark.py: "a large prime number to create a rng seed with sufficient bit
+# width".
+WATERMARK_HASH_KEY = 15485863
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's ``NextTokenChooserParameters`` as plain Python values.
+
+    The defaults are what TGI's router sends when a request sets nothing: greedy decoding, no
+    penalties, no watermark (the router always sends a seed; 0 here).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0  # 1.0 = disabled
+    typical_p: float = 1.0  # 1.0 = disabled
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0  # 1.0 = disabled
+    frequency_penalty: float = 0.0  # 0.0 = disabled
+    watermark: bool = False
+
+    @property
+    def is_sampling(self) -> bool:
+        """TGI's rule: any active warper switches a request from greedy to sampling."""
+        return (
+            self.do_sample
+            or self.temperature != 1.0
+            or self.top_k != 0
+            or self.top_p < 1.0
+            or self.typical_p < 1.0
+        )
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the parameter when a value is impossible."""
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (1.0 disables it)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k} (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p} (1.0 disables it)")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p} (1.0 disables it)")
+        if not self.repetition_penalty > 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty} (1.0 disables it)"
+            )
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty} "
+                "(0 disables it)"
+            )
+        if not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an unsigned 64-bit integer, got {self.seed}")
+
+
+def _seeded_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def _clone_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """A new generator in the same state: the clone continues the same random stream."""
+    if generator is None:
+        return None
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
+
+
+class TokenChooser:
+    """Chooses the next token of every request in a batch, each request with its own parameters.
+
+    Each sampling request owns a ``torch.Generator`` seeded with its ``seed`` and consumed exactly
+    once per step (one ``Exponential(1)`` draw over the vocabulary), so a request's token stream
+    depends only on its own seed and logits: not on its batch neighbours, its row, or on
+    ``filter``/``concatenate`` (which carry the generator *state*, never reseed).
+
+    NOTE: the generators live on the CPU on every device (TGI seeds one on the model's device), so
+    a seed gives the same tokens on CPU and NPU; the ``[sampling rows, vocab]`` noise is drawn on
+    the CPU and copied to ``device`` (a cost of ``S x V`` CPU draws per step, accepted for
+    reproducibility). Watermark permutations are drawn on the CPU for the same reason (TGI:
+    ``torch.randperm`` on the device, whose stream differs between device kinds).
+    """
+
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        device: torch.device | str = "cpu",
+        watermark_gamma: float = 0.5,
+        watermark_delta: float = 2.0,
+        *,
+        generators: list[torch.Generator | None] | None = None,
+    ) -> None:
+        if not params:
+            raise ValueError("TokenChooser needs the SamplingParams of at least one request")
+        for i, p in enumerate(params):
+            try:
+                p.validate()
+            except ValueError as e:
+                raise ValueError(f"request {i} of the batch: {e}") from None
+        if not 0 < watermark_gamma <= 1:
+            raise ValueError(f"watermark gamma must be in (0, 1], got {watermark_gamma}")
+        if generators is None:
+            generators = [_seeded_generator(p.seed) if p.is_sampling else None for p in params]
+        if len(generators) != len(params) or any(
+            (g is None) == p.is_sampling for g, p in zip(generators, params)
+        ):
+            raise ValueError("generators must hold one generator per sampling request, else None")
+        self.params = list(params)
+        self.device = torch.device(device)
+        self.watermark_gamma = watermark_gamma
+        self.watermark_delta = watermark_delta
+        self.generators = generators
+
+        def column(values: list, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device).unsqueeze(1)  # [B, 1]
+
+        self._temperature = column([p.temperature for p in params])
+        self._top_k = column([p.top_k for p in params], torch.int64)
+        self._top_k_on = column([p.top_k != 0 for p in params], torch.bool)
+        # NOTE: 1 - top_p in float64 first, then float32: what HF's TopPLogitsWarper compares with.
+        self._top_p_opposite = column([1.0 - p.top_p for p in params])
+        self._top_p_on = column([p.top_p < 1.0 for p in params], torch.bool)
+        self._typical_p = column([p.typical_p for p in params])
+        self._typical_on = column([p.typical_p < 1.0 for p in params], torch.bool)
+        self._repetition = column([p.repetition_penalty for p in params])
+        self._frequency = column([p.frequency_penalty for p in params])
+        self._sampling_rows = [i for i, p in enumerate(params) if p.is_sampling]
+        self._sampling_index = torch.tensor(
+            self._sampling_rows, dtype=torch.int64, device=self.device
+        )
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [p.seed for p in self.params]
+
+    def __call__(self, logits: Tensor, input_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Choose one token per request.
+
+        ``logits``: ``[B, V]`` (cast to float32); ``input_ids``: per request, the full sequence so
+        far (prompt + generated). Returns ``next_ids: [B] int64`` and ``logprobs: [B, V] float32``
+        = ``log_softmax`` of the warped scores (TGI's returned logprobs).
+        """
+        batch, vocab = logits.shape
+        if batch != len(self.params) or len(input_ids) != batch:
+            raise ValueError(
+                f"TokenChooser holds {len(self.params)} requests but got logits for {batch} and "
+                f"input_ids for {len(input_ids)}: filter/concatenate the chooser with the batch"
+            )
+        # [B, V]; every step below is out of place: the caller's logits are never modified.
+        scores = logits.to(device=self.device, dtype=torch.float32)
+        params = self.params
+        if any(p.watermark for p in params):
+            scores = scores + self.watermark_delta * self._green_mask(input_ids, vocab)
+        use_rep = any(p.repetition_penalty != 1.0 for p in params)
+        use_freq = any(p.frequency_penalty != 0.0 for p in params)
+        if use_rep or use_freq:
+            counts, lengths = self._token_counts(input_ids, vocab)  # [B, V], [B, 1]
+            if use_rep:
+                # TGI/HF: a token already in the sequence: logit < 0 -> * penalty, else / penalty.
+                penalised = torch.where(
+                    scores < 0, scores * self._repetition, scores / self._repetition
+                )
+                scores = torch.where(counts > 0, penalised, scores)
+            if use_freq:
+                # TGI HeterogeneousFrequencyPenaltyLogitsProcessor (utils/logits_process.py):
+                # logit -= penalty * count / len. NOTE: TGI counts over the batch's padded
+                # [B, max_len] tensor (len = the batch's width, padding counted as token 0); we
+                # use each row's own sequence, so a request's result does not depend on its batch.
+                scores = scores - counts / lengths * self._frequency
+        scores = self._warp(scores)
+        logprobs = torch.log_softmax(scores, dim=-1)  # [B, V]
+        return self._choose(scores), logprobs
+
+    def _green_mask(self, input_ids: list[list[int]], vocab: int) -> Tensor:
+        """``[B, V]`` float: 1 on each watermarked row's green list (TGI utils/watermark.py: the
+        first ``int(V * gamma)`` of ``randperm(V)`` seeded with ``15485863 * previous token``).
+        NOTE: the row's real last token; TGI reads the last column of a padded tensor."""
+        mask = torch.zeros(len(self.params), vocab)  # [B, V] on CPU, see the class NOTE
+        green_size = int(vocab * self.watermark_gamma)
+        for i, p in enumerate(self.params):
+            if not p.watermark:
+                continue
+            if not input_ids[i]:
+                raise ValueError(f"request {i}: the watermark needs at least one previous token")
+            rng = _seeded_generator(WATERMARK_HASH_KEY * input_ids[i][-1])
+            mask[i, torch.randperm(vocab, generator=rng)[:green_size]] = 1.0
+        return mask.to(self.device)
+
+    def _token_counts(self, input_ids: list[list[int]], vocab: int) -> tuple[Tensor, Tensor]:
+        """How often each token occurs in each sequence (``[B, V]`` float32) and the sequence
+        lengths (``[B, 1]``). One scatter-add on the device; nothing is padded, so no padding token
+        is ever counted (ids outside ``[0, V)`` land in an extra column that is dropped)."""
+        batch = len(input_ids)
+        lengths = [len(ids) for ids in input_ids]
+        flat = torch.tensor(list(chain.from_iterable(input_ids)), dtype=torch.int64)  # [sum(L)]
+        rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(lengths))  # [sum(L)]
+        flat = torch.where((flat < 0) | (flat >= vocab), vocab, flat)
+        index = (rows * (vocab + 1) + flat).to(self.device)  # [sum(L)] into a [B, V + 1] view
+        counts = torch.zeros(batch * (vocab + 1), device=self.device)
+        counts.scatter_add_(0, index, torch.ones(index.shape, device=self.device))
+        counts = counts.view(batch, vocab + 1)[:, :vocab]  # [B, V]
+        length = torch.tensor(lengths, dtype=torch.float32, device=self.device).clamp(min=1)
+        return counts, length.unsqueeze(1)  # [B, V], [B, 1]
+
+    def _warp(self, scores: Tensor) -> Tensor:
+        """Temperature, top-k, top-p, typical-p; each only on the rows that set it."""
+        params = self.params
+        if any(p.temperature != 1.0 for p in params):
+            scores = scores / self._temperature
+        if any(p.top_k != 0 for p in params):
+            scores = _top_k(scores, self._top_k, self._top_k_on, max(p.top_k for p in params))
+        if any(p.top_p < 1.0 for p in params):
+            scores = _top_p(scores, self._top_p_opposite, self._top_p_on)
+        if any(p.typical_p < 1.0 for p in params):
+            scores = _typical(scores, self._typical_p, self._typical_on)
+        return scores
+
+    def _choose(self, scores: Tensor) -> Tensor:
+        """Greedy argmax for every row, then TGI's exponential trick for the sampling rows:
+        ``argmax(probs / q)``, ``q ~ Exponential(1)``, is a draw from ``probs`` without the
+        device sync of ``torch.multinomial``."""
+        next_ids = scores.argmax(dim=-1)  # [B]
+        if not self._sampling_rows:
+            return next_ids
+        vocab = scores.shape[-1]
+        noise = torch.stack(
+            [
+                torch.empty(vocab).exponential_(1.0, generator=self.generators[i])
+                for i in self._sampling_rows
+            ]
+        ).to(self.device)  # [S, V]
+        probs = torch.softmax(scores[self._sampling_index], dim=-1)  # [S, V]
+        next_ids[self._sampling_index] = (probs / noise).argmax(dim=-1)
+        return next_ids
+
+    def filter(self, indices: list[int]) -> TokenChooser:
+        """The requests at ``indices`` (in that order); their generators continue their streams."""
+        if not indices or any(not 0 <= i < len(self.params) for i in indices):
+            raise ValueError(f"filter indices {indices} must be non-empty and in [0, {len(self)})")
+        return TokenChooser(
+            [self.params[i] for i in indices],
+            self.device,
+            self.watermark_gamma,
+            self.watermark_delta,
+            generators=[_clone_generator(self.generators[i]) for i in indices],
+        )
+
+    @classmethod
+    def concatenate(cls, choosers: list[TokenChooser]) -> TokenChooser:
+        """One chooser for the requests of ``choosers`` in order, generator states carried over."""
+        if not choosers:
+            raise ValueError("concatenate needs at least one TokenChooser")
+        first = choosers[0]
+        for c in choosers[1:]:
+            if (c.device, c.watermark_gamma, c.watermark_delta) != (
+                first.device,
+                first.watermark_gamma,
+                first.watermark_delta,
+            ):
+                raise ValueError(
+                    "cannot concatenate TokenChoosers with different device or watermark "
+                    f"gamma/delta: {c.device, c.watermark_gamma, c.watermark_delta} vs "
+                    f"{first.device, first.watermark_gamma, first.watermark_delta}"
+                )
+        return cls(
+            [p for c in choosers for p in c.params],
+            first.device,
+            first.watermark_gamma,
+            first.watermark_delta,
+            generators=[_clone_generator(g) for c in choosers for g in c.generators],
+        )
+
+
+def _top_k(scores: Tensor, top_k: Tensor, on: Tensor, max_top_k: int) -> Tensor:
+    """HF TopKLogitsWarper per row (min_tokens_to_keep=1); ``top_k``/``on``: ``[B, 1]``."""
+    vocab = scores.shape[-1]
+    kth_index = top_k.clamp(min=1, max=vocab) - 1  # [B, 1]
+    top_values = torch.topk(scores, min(max_top_k, vocab), dim=-1).values  # [B, k_max]
+    kth = top_values.gather(1, kth_index)  # [B, 1]
+    return scores.masked_fill((scores < kth) & on, _NEG_INF)
+
+
+def _top_p(scores: Tensor, top_p_opposite: Tensor, on: Tensor) -> Tensor:
+    """HF TopPLogitsWarper per row: drop the lowest tokens whose cumulative probability is
+    ``<= 1 - top_p``, always keeping the most likely one; ``top_p_opposite``/``on``: ``[B, 1]``."""
+    sorted_logits, sorted_indices = torch.sort(scores, descending=False)  # [B, V] ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
+    sorted_remove = cumulative <= top_p_opposite
+    sorted_remove[:, -1] = False  # min_tokens_to_keep = 1
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)  # back to vocab order
+    return scores.masked_fill(remove & on, _NEG_INF)
+
+
+def _typical(scores: Tensor, mass: Tensor, on: Tensor) -> Tensor:
+    """HF TypicalLogitsWarper per row (Meister et al. 2022); ``mass``/``on``: ``[B, 1]``."""
+    normalized = torch.log_softmax(scores, dim=-1)  # [B, V]
+    entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)  # [B, 1]
+    shifted = torch.abs(-normalized - entropy)  # [B, V] distance from the expected surprise
+    sorted_shifted, sorted_indices = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)  # [B, V]
+    last = (cumulative < mass).sum(dim=1, keepdim=True).clamp(max=scores.shape[-1] - 1)  # [B, 1]
+    sorted_remove = sorted_shifted > sorted_shifted.gather(1, last)
+    sorted_remove[:, :1] = False  # min_tokens_to_keep = 1
+    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+    return scores.masked_fill(remove & on, _NEG_INF)
+
+
+def top_n_tokens(logprobs: Tensor, top_n: list[int]) -> list[tuple[list[int], list[float]]]:
+    """TGI's ``batch_top_tokens``: per row the ``n`` most likely tokens plus every token tied
+    with the n-th ("fuzzy" top-n, so more than ``n`` can come back), by descending logprob
+    (ties by ascending token id); rows with ``n == 0`` get empty lists.
+
+    ``logprobs``: ``[B, V]``; ``top_n``: ``B`` requested counts.
+    """
+    batch, vocab = logprobs.shape
+    if len(top_n) != batch:
+        raise ValueError(f"top_n has {len(top_n)} entries for a batch of {batch} rows")
+    if max(top_n, default=0) <= 0:
+        return [([], []) for _ in range(batch)]
+    n = torch.tensor([min(max(x, 0), vocab) for x in top_n], device=logprobs.device)  # [B]
+    sorted_top = torch.topk(logprobs, k=int(n.max()), dim=-1).values  # [B, n_max]
+    nth = sorted_top.gather(1, (n - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
+    # NOTE: TGI: a -inf n-th value would admit every -inf token; use the lowest finite instead.
+    nth = nth.masked_fill(nth == _NEG_INF, torch.finfo(logprobs.dtype).min)
+    counts = (logprobs >= nth).sum(dim=1).masked_fill(n == 0, 0)  # [B]
+    k = max(int(counts.max()), 1)
+    top = torch.topk(logprobs, k=k, dim=-1)  # [B, k]
+    # topk does not order ties: order by token id, then stably by descending value.
+    by_id, perm = top.indices.sort(dim=-1)
+    order = top.values.gather(1, perm).sort(dim=-1, descending=True, stable=True).indices
+    ids = by_id.gather(1, order).tolist()
+    values = top.values.gather(1, perm).gather(1, order).tolist()
+    return [(ids[i][:c], values[i][:c]) for i, c in enumerate(counts.tolist())]
