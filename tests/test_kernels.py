@@ -1,0 +1,395 @@
+"""ReferenceBackend against a naive dense attention written here, independently.
+
+The oracle repeats K/V to full heads, applies a full [S, S] causal mask and HF-style ALiBi
+(``slope * key_pos``, equal to ``slope * (key_pos - query_pos)`` up to a per-row constant).
+Paged caches use randomly permuted, non-contiguous block ids and never block 0 (reserved).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+from tgi_npu_backend.kernels import (
+    AttentionBackend,
+    AttentionMetadata,
+    ReferenceBackend,
+    check_block_size,
+    get_backend,
+)
+
+HEAD_DIM = 32
+HEADS = 4
+NUM_BLOCKS = 24
+TOL = {
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+}
+
+BLOCK_SIZES = pytest.mark.parametrize("block_size", [16, 32, 128])
+KV_HEADS = pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+ALIBI = pytest.mark.parametrize("alibi", [False, True], ids=["rope", "alibi"])
+DTYPES = pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Hundreds of tiny ops: one intra-op thread is faster, and robust on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bloom_slopes(heads: int) -> torch.Tensor:
+    """ALiBi slopes for a power-of-two head count (Press et al.)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+
+
+def naive_attention(q, k, v, q_pos, scale, slopes):
+    """q [Q, H, D] at positions q_pos; k, v [S, KVH, D] at positions 0..S-1 -> [Q, H, D] fp32."""
+    s, heads = k.shape[0], q.shape[1]
+    k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    v = v.float().repeat_interleave(heads // v.shape[1], dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if slopes is not None:
+        scores = (
+            scores + slopes[:, None, None] * torch.arange(s, dtype=torch.float32)[None, None, :]
+        )
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal[q_pos][None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+class Paged:
+    """A tiny block manager: full K/V/Q per sequence, random block ids, slot helpers."""
+
+    def __init__(self, totals, block_size, kv_heads, dtype, seed=0, poison=False, backend=None):
+        g = torch.Generator().manual_seed(seed)
+        self.block_size = block_size
+        free = (torch.randperm(NUM_BLOCKS - 1, generator=g) + 1).tolist()  # never block 0
+        self.tables = []
+        for n in totals:
+            need = -(-n // block_size)
+            self.tables.append(free[:need])
+            free = free[need:]
+        self.q = [torch.randn(n, HEADS, HEAD_DIM, generator=g).to(dtype) for n in totals]
+        self.k = [torch.randn(n, kv_heads, HEAD_DIM, generator=g).to(dtype) for n in totals]
+        self.v = [torch.randn(n, kv_heads, HEAD_DIM, generator=g).to(dtype) for n in totals]
+        self.backend = backend or ReferenceBackend()
+        self.kc, self.vc = self.backend.allocate_kv_cache(
+            NUM_BLOCKS, block_size, kv_heads, HEAD_DIM, dtype, torch.device("cpu")
+        )
+        if poison:
+            self.kc.fill_(float("nan"))
+            self.vc.fill_(float("nan"))
+
+    def slot(self, i, p):
+        return self.tables[i][p // self.block_size] * self.block_size + p % self.block_size
+
+    def meta(self, seqs, spans, is_prefill):
+        """Metadata for sequences ``seqs`` computing positions ``[ctx, end)`` given in ``spans``."""
+        return AttentionMetadata.build(
+            is_prefill=is_prefill,
+            slot_mapping=[self.slot(i, p) for i, (c, e) in zip(seqs, spans) for p in range(c, e)],
+            block_tables=[self.tables[i] for i in seqs],
+            context_lens=[c for c, _ in spans],
+            query_lens=[e - c for c, e in spans],
+            block_size=self.block_size,
+            device=torch.device("cpu"),
+        )
+
+    def run(self, seqs, spans, slopes, is_prefill=True):
+        """store_kv then prefill/decode; returns (output, oracle) both [T, H, D] float32."""
+        meta = self.meta(seqs, spans, is_prefill)
+
+        def cat(xs):
+            return torch.cat([xs[i][c:e] for i, (c, e) in zip(seqs, spans)])
+
+        q, k, v = cat(self.q), cat(self.k), cat(self.v)
+        scale = 1.0 / math.sqrt(HEAD_DIM)
+        self.backend.store_kv(k, v, self.kc, self.vc, meta)
+        if is_prefill:
+            out = self.backend.prefill(q, k, v, self.kc, self.vc, meta, scale, slopes)
+        else:
+            out = self.backend.decode(q, self.kc, self.vc, meta, scale, slopes)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        expected = torch.cat(
+            [
+                naive_attention(
+                    self.q[i][c:e], self.k[i][:e], self.v[i][:e], torch.arange(c, e), scale, slopes
+                )
+                for i, (c, e) in zip(seqs, spans)
+            ]
+        )
+        return out.float(), expected
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+def test_prefill_without_prefix(block_size, kv_heads, alibi, dtype):
+    lens = [1, block_size - 1, block_size, 2 * block_size + 3]
+    paged = Paged(lens, block_size, kv_heads, dtype)
+    slopes = bloom_slopes(HEADS) if alibi else None
+    out, expected = paged.run(range(len(lens)), [(0, n) for n in lens], slopes)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+def test_prefill_with_cached_prefix(block_size, kv_heads, alibi, dtype):
+    # (prefix, new tokens): no prefix, 1-token prefix, prefix ending mid-block, crossing blocks
+    spans = [(0, 7), (1, 1), (block_size - 1, 3), (block_size + 3, block_size + 1)]
+    paged = Paged([c + q for c, q in spans], block_size, kv_heads, dtype, seed=1)
+    slopes = bloom_slopes(HEADS) if alibi else None
+    first = [i for i, (c, _) in enumerate(spans) if c > 0]
+    # first pass writes the prefixes; the second attends to them through the block tables
+    out, expected = paged.run(first, [(0, spans[i][0]) for i in first], slopes)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    out, expected = paged.run(range(len(spans)), [(c, c + q) for c, q in spans], slopes)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+def test_decode_after_prefill(block_size, kv_heads, alibi, dtype):
+    # the `block_size` prompt decodes into a fresh block; two steps per sequence
+    prompts = [1, block_size - 1, block_size, 2 * block_size + 3]
+    paged = Paged([n + 2 for n in prompts], block_size, kv_heads, dtype, seed=2)
+    slopes = bloom_slopes(HEADS) if alibi else None
+    seqs = range(len(prompts))
+    paged.run(seqs, [(0, n) for n in prompts], slopes)
+    for step in range(2):
+        out, expected = paged.run(
+            seqs, [(n + step, n + step + 1) for n in prompts], slopes, is_prefill=False
+        )
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kv_heads", [2])
+@ALIBI
+def test_garbage_in_unused_cache_does_not_leak(kv_heads, alibi):
+    block_size = 16
+    spans = [(0, 3), (block_size + 1, 2), (5, 1)]
+    paged = Paged(
+        [c + q + 1 for c, q in spans], block_size, kv_heads, torch.float32, seed=3, poison=True
+    )
+    slopes = bloom_slopes(HEADS) if alibi else None
+    first = [i for i, (c, _) in enumerate(spans) if c > 0]
+    paged.run(first, [(0, spans[i][0]) for i in first], slopes)
+    out, expected = paged.run(range(3), [(c, c + q) for c, q in spans], slopes)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    out, expected = paged.run(
+        range(3), [(c + q, c + q + 1) for c, q in spans], slopes, is_prefill=False
+    )
+    assert torch.isfinite(out).all()  # block 0 (table padding) and unwritten slots are NaN
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+def test_store_kv_skips_negative_slots():
+    backend = ReferenceBackend()
+    kc, vc = backend.allocate_kv_cache(4, 16, 1, 8, torch.float32, torch.device("cpu"))
+    meta = AttentionMetadata.build(
+        is_prefill=True,
+        slot_mapping=[17, -1, 18],
+        block_tables=[[1]],
+        context_lens=[0],
+        query_lens=[3],
+        block_size=16,
+        device=torch.device("cpu"),
+    )
+    k = torch.arange(3.0)[:, None, None].expand(3, 1, 8)
+    backend.store_kv(k, -k, kc, vc, meta)
+    flat = kc.view(-1, 8)
+    assert flat[17].eq(0).all() and flat[18].eq(2).all() and vc.view(-1, 8)[18].eq(-2).all()
+    assert flat.count_nonzero() == 8  # only slot 18 is non-zero (slot 17 holds key 0)
+
+
+@pytest.mark.parametrize("bad", [8, 20, 256])
+def test_check_block_size_rejects(bad):
+    with pytest.raises(ValueError, match=f"block size {bad} is not supported"):
+        check_block_size(bad)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ReferenceBackend().kv_cache_shape(4, bad, 1, 8)
+
+
+@pytest.mark.parametrize("good", [16, 64, 128])
+def test_check_block_size_accepts(good):
+    check_block_size(good)
+
+
+def test_kv_cache_shape_and_allocation():
+    backend = ReferenceBackend()
+    assert backend.kv_cache_shape(10, 32, 2, 64) == (10, 32, 2, 64)
+    kc, vc = backend.allocate_kv_cache(10, 32, 2, 64, torch.bfloat16, torch.device("cpu"))
+    for t in (kc, vc):
+        assert t.shape == (10, 32, 2, 64) and t.dtype == torch.bfloat16 and not t.any()
+    assert kc.data_ptr() != vc.data_ptr()
+
+
+def test_get_backend():
+    backend = get_backend(torch.device("cpu"))
+    assert isinstance(backend, ReferenceBackend) and isinstance(backend, AttentionBackend)
+    assert backend.name == "reference"
+    assert get_backend("npu:0").name == "npu"  # constructing it does not import torch_npu
+    with pytest.raises(ValueError, match="no attention backend"):
+        get_backend(torch.device("meta"))
+
+
+def test_npu_module_imports_without_torch_npu():
+    from tgi_npu_backend.kernels import npu
+
+    assert npu.npu_available() is False
+    backend = npu.NpuBackend()
+    assert isinstance(backend, AttentionBackend) and backend.name == "npu"
+    assert backend.kv_cache_shape(8, 64, 1, 256) == (8, 64, 1, 256)
+    assert npu.recommended_block_size(64) == 128
+    assert npu.recommended_block_size(128) == 128
+    assert npu.recommended_block_size(256) == 64
+    check_block_size(npu.recommended_block_size(256))
+
+
+# --- NpuBackend wiring, with torch_npu replaced by CPU fakes of the documented op semantics -----
+
+
+def _fake_attention(q, k, v, scale, add=None, masked=None):
+    """q [Q, H, D], k/v [S, KVH, D]; add [H, Q, S] additive mask; masked [Q, S] bool."""
+    heads = q.shape[1]
+    k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    v = v.float().repeat_interleave(heads // v.shape[1], dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if add is not None:
+        scores = scores + add.float()
+    if masked is not None:
+        scores = scores.masked_fill(masked[None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+
+
+def _fake_torch_npu():
+    """``torch_npu`` with the ops NpuBackend calls, keyword names as in NPU_NOTES 3.2."""
+
+    def gather(cache, table, n):
+        return cache[table[: -(-n // cache.shape[1])].long()].flatten(0, 1)[:n]
+
+    def host_lens(lens):
+        assert isinstance(lens, list) or (lens.device.type == "cpu" and lens.dtype == torch.int32)
+        return list(lens) if isinstance(lens, list) else lens.tolist()
+
+    def _npu_reshape_and_cache(key, value, key_cache, value_cache, slot_indices):
+        assert slot_indices.dtype == torch.int32
+        key_cache.view(-1, *key_cache.shape[2:])[slot_indices.long()] = key
+        value_cache.view(-1, *value_cache.shape[2:])[slot_indices.long()] = value
+
+    def _npu_flash_attention(
+        query, key, value, mask, seq_len, scale_value, num_heads, num_kv_heads, out
+    ):
+        start = 0
+        for n in host_lens(seq_len):
+            sl = slice(start, start + n)
+            masked = mask[:n, :n] != 0  # fp16: -inf above the diagonal, bf16: 1
+            out[sl] = _fake_attention(query[sl], key[sl], value[sl], scale_value, masked=masked)
+            start += n
+
+    def _npu_flash_attention_v2(
+        query,
+        key,
+        value,
+        seq_len,
+        *,
+        mask=None,
+        slopes=None,
+        kernel_type=0,
+        mask_type=2,
+        scale_value=1.0,
+        num_heads=0,
+        num_kv_heads=0,
+        out,
+    ):
+        assert mask_type == 2 and mask.dim() == 4 and mask.shape[0] == len(seq_len)
+        start = 0
+        for b, n in enumerate(host_lens(seq_len)):
+            sl = slice(start, start + n)
+            add = mask[b, :, :n, :n]
+            out[sl] = _fake_attention(query[sl], key[sl], value[sl], scale_value, add=add)
+            start += n
+
+    def _npu_paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        num_kv_heads,
+        num_heads,
+        scale_value,
+        block_table,
+        context_lens,
+        out,
+    ):
+        for b, n in enumerate(host_lens(context_lens)):
+            k, v = gather(key_cache, block_table[b], n), gather(value_cache, block_table[b], n)
+            out[b : b + 1] = _fake_attention(query[b : b + 1], k, v, scale_value)
+
+    def _npu_paged_attention_v2(
+        query,
+        key_cache,
+        block_table,
+        context_lens,
+        *,
+        value_cache=None,
+        mask=None,
+        num_kv_heads=0,
+        num_heads=0,
+        scale_value=1.0,
+        mask_type=0,
+        workspace=None,
+        out,
+    ):
+        assert mask_type == 2 and mask.shape[-2] == 1
+        for b, n in enumerate(host_lens(context_lens)):
+            k, v = gather(key_cache, block_table[b], n), gather(value_cache, block_table[b], n)
+            row = (mask[b] if mask.dim() == 4 else mask)[:, :, :n]  # [heads, 1, n]
+            out[b : b + 1] = _fake_attention(query[b : b + 1], k, v, scale_value, add=row)
+
+    module = types.ModuleType("torch_npu")
+    module._npu_reshape_and_cache = _npu_reshape_and_cache
+    module._npu_flash_attention = _npu_flash_attention
+    module._npu_paged_attention = _npu_paged_attention
+    module.atb = types.SimpleNamespace(
+        _npu_flash_attention_v2=_npu_flash_attention_v2,
+        _npu_paged_attention_v2=_npu_paged_attention_v2,
+    )
+    return module
+
+
+@KV_HEADS
+@ALIBI
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_npu_backend_wiring_with_fake_ops(monkeypatch, kv_heads, alibi, dtype):
+    """Masks, lengths and layouts NpuBackend hands to the ops give the oracle's answer when the
+    ops behave as documented; float32 and cached prefixes take the reference fallback."""
+    from tgi_npu_backend.kernels.npu import NpuBackend
+
+    monkeypatch.setitem(sys.modules, "torch_npu", _fake_torch_npu())
+    block_size = 16
+    spans = [(0, 5), (0, 1), (0, 2 * block_size + 3)]
+    paged = Paged([q + 3 for _, q in spans], block_size, kv_heads, dtype, 4, backend=NpuBackend())
+    slopes = bloom_slopes(HEADS) if alibi else None
+    seqs = range(len(spans))
+    out, expected = paged.run(seqs, spans, slopes)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    out, expected = paged.run(seqs, [(q, q + 2) for _, q in spans], slopes)  # cached prefix
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    out, expected = paged.run(seqs, [(q + 2, q + 3) for _, q in spans], slopes, is_prefill=False)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
