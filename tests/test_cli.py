@@ -153,3 +153,17 @@ def test_hub_id_from_cache_and_offline_error(bloom_dir, tmp_path):
     proc = start_shard("bigscience/tiny-bloom", uds, env=env)  # serve by hub id
     proc.terminate()
     assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("model_type, arch", [("gemma2", "Gemma2ForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM"),
+                                              ("llama", "LlamaForCausalLM")])
+def test_unsupported_architectures_are_refused_at_startup(gemma_mqa_dir, tmp_path, model_type, arch):
+    d = tmp_path / model_type
+    shutil.copytree(gemma_mqa_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(model_type=model_type, architectures=[arch], final_logit_softcapping=30.0, sliding_window=4096)
+    (d / "config.json").write_text(json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "tgi_npu_backend.cli", "serve", str(d), "--uds-path",
+                          f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert model_type in res.stderr, res.stderr[-2000:]

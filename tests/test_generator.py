@@ -4,8 +4,6 @@ generator semantics that need a controlled model config (EOS lists, ownership ac
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,8 +20,9 @@ STEPS = 16
 class InProcess:
     """RouterSim's request building and allocation, calling a Generator directly."""
 
-    def __init__(self, model_dir, **env):
-        cfg = ServerConfig.from_cli(model_id=str(model_dir), env={"TGI_NPU_KV_CACHE_FRACTION": "0.005", **env})
+    def __init__(self, model_dir, dtype: str | None = None, **env):
+        env = {"TGI_NPU_KV_CACHE_FRACTION": "0.005", **env}
+        cfg = ServerConfig.from_cli(model_id=str(model_dir), env=env, dtype=dtype)
         self.gen = build_generator(cfg)
         self.sim = RouterSim("unused", AutoTokenizer.from_pretrained(model_dir, truncation_side="left"))
         warm = self.sim.warmup_request(None, None, 128, None)
@@ -114,3 +113,29 @@ def test_each_generation_comes_from_exactly_one_rank(bloom_dir):
             assert g.request_id not in owners
             owners[g.request_id] = rank
     assert owners == {r.id: r.id % 2 for r in reqs}
+
+
+@pytest.mark.parametrize("fixture", ["bloom_dir", "gemma_mqa_dir"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_dtypes_serve_on_cpu(fixture, dtype, request):
+    """--dtype bfloat16/float16 serve on CPU; Info reports the dtype used; greedy tokens agree with
+    float32 HF wherever HF's top-2 logit margin is clear (> 0.5), the rule used for half dtypes."""
+    model_dir = request.getfixturevalue(fixture)
+    shard = InProcess(model_dir, dtype=dtype)
+    assert shard.gen.info().dtype == f"torch.{dtype}"
+
+    prompt = PROMPTS[0]
+    req = shard.sim.request(prompt, max_new_tokens=8, ignore_eos=True)
+    ids, _, _ = shard.generate([req])[req.id]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompt_ids = tok(prompt)["input_ids"]
+    with torch.no_grad():  # HF float32 logits along OUR sequence
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+    top2 = logits.topk(2, dim=-1)
+    checked = 0
+    for i, tok_id in enumerate(ids):
+        if float(top2.values[i, 0] - top2.values[i, 1]) > 0.5:
+            assert tok_id == int(top2.indices[i, 0]), f"step {i}"
+            checked += 1
+    assert checked >= 3, "too few clear-margin steps to say anything"
