@@ -1,0 +1,96 @@
+"""Conversions between router types and v3 protobuf messages (the only protobuf users besides
+``client`` and ``warmup``)."""
+
+from __future__ import annotations
+
+from tgi_npu_backend.pb import generate_pb2 as pb
+
+from .allocator import BlockAllocation
+from .entities import (
+    FINISH_REASONS,
+    EndEvent,
+    Event,
+    GeneratedText,
+    PrefillEvent,
+    PrefillToken,
+    Token,
+    TokenEvent,
+    ValidRequest,
+)
+
+U64_MAX = 2**64 - 1
+
+
+def request_to_pb(
+    request_id: int, req: ValidRequest, allocation: BlockAllocation | None
+) -> pb.Request:
+    """The ``Request`` the v3 router builds in ``queue.rs`` (text-only: one text chunk)."""
+    p = req.parameters
+    message = pb.Request(
+        id=request_id,
+        inputs=req.inputs,
+        input_chunks=pb.Input(chunks=[pb.InputChunk(text=req.inputs)]),
+        truncate=req.truncate,
+        add_special_tokens=req.add_special_tokens,
+        prefill_logprobs=req.decoder_input_details,
+        top_n_tokens=req.top_n_tokens,
+        parameters=pb.NextTokenChooserParameters(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            watermark=p.watermark,
+            grammar="",
+            grammar_type=pb.GRAMMAR_TYPE_NONE,
+        ),
+        stopping_parameters=pb.StoppingCriteriaParameters(
+            max_new_tokens=req.stopping.max_new_tokens,
+            stop_sequences=list(req.stopping.stop_sequences),
+            ignore_eos_token=req.stopping.ignore_eos_token,
+        ),
+        blocks=list(allocation.blocks) if allocation else [],
+        slots=list(allocation.slots) if allocation else [],
+        cache_len=allocation.prefix_len if allocation else 0,
+    )
+    if req.adapter_id is not None:
+        message.adapter_id = req.adapter_id
+    return message
+
+
+def _tokens(tokens: pb.Tokens) -> list[Token]:
+    specials = list(tokens.is_special) or [False] * len(tokens.ids)
+    return [
+        Token(id=i, text=t, logprob=lp, special=s)
+        for i, lp, t, s in zip(tokens.ids, tokens.logprobs, tokens.texts, specials)
+    ]
+
+
+def generation_events(gen: pb.Generation, queued: float, start: float) -> tuple[list[Event], bool]:
+    """Events for one Generation (``send_responses`` in ``backend.rs``) and whether it ended."""
+    events: list[Event] = []
+    if gen.HasField("prefill_tokens"):
+        p = gen.prefill_tokens
+        events.append(
+            PrefillEvent([PrefillToken(i, t, lp) for i, lp, t in zip(p.ids, p.logprobs, p.texts)])
+        )
+    tokens = _tokens(gen.tokens)
+    top = [_tokens(t) for t in gen.top_tokens]
+    finished = gen.HasField("generated_text")
+    for i, token in enumerate(tokens):
+        top_tokens = top[i] if i < len(top) else []
+        if finished and i == len(tokens) - 1:
+            g = gen.generated_text
+            generated = GeneratedText(
+                text=g.text,
+                generated_tokens=g.generated_tokens,
+                finish_reason=FINISH_REASONS[g.finish_reason],
+                seed=g.seed if g.HasField("seed") else None,
+            )
+            events.append(EndEvent(token, top_tokens, generated, queued=queued, start=start))
+        else:
+            events.append(TokenEvent(token, top_tokens))
+    return events, finished

@@ -1,0 +1,186 @@
+"""Assembles the router once the shards are warm: allocator, queue, batching task, validation,
+HTTP server; and takes it down again."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from tgi_npu_backend.pb import generate_pb2 as pb
+
+from .allocator import BlockAllocator
+from .batch_queue import Queue
+from .client import ShardedClient
+from .errors import LauncherError
+from .http_api import STATE, AppState, build_app
+from .http_api import metrics as metrics_route
+from .infer import Infer
+from .metrics import Metrics
+from .scheduler import Scheduler, SchedulerConfig
+from .tokenizer import Tokenizer
+from .validation import ValidationLimits, Validator
+from .version import VERSION
+from .warmup import Limits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The launcher flags the router itself uses."""
+
+    model_id: str
+    hostname: str = "127.0.0.1"
+    port: int = 3000
+    prometheus_port: int | None = None
+    max_concurrent_requests: int = 128
+    max_best_of: int = 1
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_batch_size: int | None = None
+    validation_workers: int = 2
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
+    shutdown_timeout: float = 10.0
+
+
+def info_json(s: RouterSettings, limits: Limits) -> dict:
+    """TGI's ``/info`` body (no dtype/device fields, as in TGI 3.x)."""
+    return {
+        "model_id": s.model_id,
+        "model_sha": None,
+        "model_pipeline_tag": None,
+        "max_concurrent_requests": s.max_concurrent_requests,
+        "max_best_of": s.max_best_of,
+        "max_stop_sequences": s.max_stop_sequences,
+        "max_input_tokens": limits.max_input_tokens,
+        "max_total_tokens": limits.max_total_tokens,
+        "validation_workers": s.validation_workers,
+        "max_client_batch_size": s.max_client_batch_size,
+        "router": "tgi-npu-launcher",
+        "version": VERSION,
+        "sha": None,
+        "docker_label": None,
+    }
+
+
+@dataclass
+class Router:
+    client: ShardedClient
+    scheduler: Scheduler
+    infer: Infer
+    queue: Queue
+    allocator: BlockAllocator | None
+    metrics: Metrics
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+    @classmethod
+    async def start(
+        cls,
+        client: ShardedClient,
+        info: pb.InfoResponse,
+        limits: Limits,
+        settings: RouterSettings,
+        tokenizer: Tokenizer,
+    ) -> Router:
+        metrics = Metrics()
+        if info.use_prefix_caching:
+            log.warning(
+                "the shard reports prefix caching; this router allocates without prefix reuse"
+            )
+        if info.support_chunking:
+            log.warning("the shard supports chunked prefill; this router sends whole prompts")
+        allocator = None
+        if not info.requires_padding:
+            window = info.window_size if info.HasField("window_size") else None
+            allocator = BlockAllocator(limits.max_batch_total_tokens, info.block_size, window)
+        queue = Queue(
+            allocator=allocator,
+            block_size=info.block_size,
+            speculate=info.speculate,
+            metrics=metrics,
+        )
+        scheduler = Scheduler(
+            client,
+            queue,
+            SchedulerConfig(
+                max_batch_prefill_tokens=limits.max_batch_prefill_tokens,
+                max_batch_total_tokens=limits.max_batch_total_tokens,
+                waiting_served_ratio=settings.waiting_served_ratio,
+                max_waiting_tokens=settings.max_waiting_tokens,
+                max_batch_size=settings.max_batch_size,
+            ),
+            metrics,
+        )
+        validator = Validator(
+            tokenizer,
+            ValidationLimits(
+                max_input_tokens=limits.max_input_tokens,
+                max_total_tokens=limits.max_total_tokens,
+                max_stop_sequences=settings.max_stop_sequences,
+                max_top_n_tokens=settings.max_top_n_tokens,
+                max_best_of=settings.max_best_of,
+            ),
+        )
+        infer = Infer(
+            validator=validator,
+            queue=queue,
+            scheduler=scheduler,
+            client=client,
+            metrics=metrics,
+            max_concurrent_requests=settings.max_concurrent_requests,
+            allocator=allocator,
+            speculate=info.speculate,
+        )
+        router = cls(client, scheduler, infer, queue, allocator, metrics)
+        scheduler.start()
+        state = AppState(
+            infer=infer,
+            tokenizer=tokenizer,
+            metrics=metrics,
+            info=info_json(settings, limits),
+            compute_type=info.device_type or "cpu",
+        )
+        app = build_app(state, settings.payload_limit)
+        await router._serve(app, settings.hostname, settings.port, settings.shutdown_timeout)
+        if settings.prometheus_port is not None:
+            prom = web.Application()
+            prom[STATE] = state
+            prom.router.add_get("/metrics", metrics_route)
+            await router._serve(
+                prom, settings.hostname, settings.prometheus_port, settings.shutdown_timeout
+            )
+        return router
+
+    async def _serve(
+        self, app: web.Application, host: str, port: int, shutdown_timeout: float
+    ) -> None:
+        runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, access_log=None
+        )
+        await runner.setup()
+        self.runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as err:
+            raise LauncherError(
+                f"cannot listen on {host}:{port} ({err}): pick another --port"
+            ) from None
+
+    @property
+    def port(self) -> int:
+        """The bound port of the main site (useful with port 0)."""
+        server = self.runners[0].addresses[0]
+        return server[1]
+
+    async def stop(self) -> None:
+        """Fail in-flight requests, stop HTTP, close the shard channels."""
+        self.infer.closing = True
+        await self.scheduler.stop()
+        for runner in self.runners:
+            await runner.cleanup()
+        await self.client.close()

@@ -1,0 +1,229 @@
+"""The batching task (TGI ``backends/v3/src/backend.rs`` ``batching_task``).
+
+One asyncio task drives the shards strictly sequentially: Prefill a batch from the queue, then
+Decode([current, new?]) until the batch is empty, admitting new requests between steps under the
+waiting-served ratio. After every step the live-entry map decides FilterBatch/ClearCache, so a
+request that finished or whose client went away leaves the shard's batch and its blocks return
+to the allocator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from tgi_npu_backend.pb import generate_pb2 as pb
+
+from .batch_queue import Entry, Queue
+from .client import ShardedClient, StepResult
+from .errors import ClientError, GenerationError, InferError
+from .metrics import Metrics
+from .protocol import generation_events
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_prefill_tokens: int
+    max_batch_total_tokens: int
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    max_batch_size: int | None = None
+
+
+class Scheduler:
+    def __init__(
+        self, client: ShardedClient, queue: Queue, config: SchedulerConfig, metrics: Metrics
+    ):
+        self.client = client
+        self.queue = queue
+        self.config = config
+        self.metrics = metrics
+        self.healthy = True  # False after a generation error, until a model-health probe passes
+        self._task: asyncio.Task | None = None
+        self._live: list[dict[int, Entry]] = []  # entry maps of batches in flight (for shutdown)
+        self.steps = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="batching-task")
+        self._task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batching task crashed", exc_info=task.exception())
+            self.healthy = False
+            error = GenerationError(f"the batching task crashed: {task.exception()!r}")
+            for entries in self._live:
+                self._fail(entries, error)
+            for entry in self.queue.drain():
+                entry.fail(error)
+
+    @property
+    def crashed(self) -> BaseException | None:
+        if self._task is None or not self._task.done() or self._task.cancelled():
+            return None
+        return self._task.exception()
+
+    async def stop(self, reason: str = "the server is shutting down") -> None:
+        """Cancel the batching task and fail every queued or running request."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)  # cancelled or crashed: final
+        error = GenerationError(reason)
+        for entries in self._live:
+            self._fail(entries, error)
+        for entry in self.queue.drain():
+            entry.fail(error)
+
+    async def _run(self) -> None:
+        cfg = self.config
+        while True:
+            await self.queue.wait()
+            while (
+                nb := self.queue.next_batch(
+                    None,
+                    cfg.max_batch_size,
+                    cfg.max_batch_prefill_tokens,
+                    cfg.max_batch_total_tokens,
+                )
+            ) is not None:
+                entries = nb.entries
+                self._live = [entries]
+                cached = await self._prefill(nb.batch, entries)
+                waiting_tokens = 1
+                while cached is not None:
+                    batches = [cached]
+                    self.metrics.set("tgi_batch_current_size", cached.size)
+                    self.metrics.set("tgi_batch_current_max_tokens", cached.max_tokens)
+                    token_budget = max(cfg.max_batch_total_tokens - cached.max_tokens, 0)
+                    if waiting_tokens >= cfg.max_waiting_tokens:
+                        min_size = None  # waited long enough: admit even a small batch
+                    else:
+                        min_size = int(cached.size * cfg.waiting_served_ratio)
+                    max_size = None
+                    if cfg.max_batch_size is not None:
+                        max_size = max(cfg.max_batch_size - cached.size, 0)
+                    new = self.queue.next_batch(
+                        min_size, max_size, cfg.max_batch_prefill_tokens, token_budget
+                    )
+                    if new is not None:
+                        reason = "backpressure" if min_size is not None else "wait_exceeded"
+                        self.metrics.inc("tgi_batch_concat", reason=reason)
+                        self._live = [entries, new.entries]
+                        new_cached = await self._prefill(new.batch, new.entries)
+                        if new_cached is not None:
+                            entries.update(new.entries)
+                            batches.append(new_cached)
+                        self._live = [entries]
+                        waiting_tokens = 1
+                    cached = await self._decode(batches, entries)
+                    waiting_tokens += 1
+                self._live = []
+                self.metrics.set("tgi_batch_current_size", 0)
+                self.metrics.set("tgi_batch_current_max_tokens", 0)
+
+    async def _prefill(self, batch: pb.Batch, entries: dict[int, Entry]) -> pb.CachedBatch | None:
+        return await self._step(
+            "prefill", [batch.id], entries, lambda: self.client.prefill(batch, None)
+        )
+
+    async def _decode(
+        self, batches: list[pb.CachedBatch], entries: dict[int, Entry]
+    ) -> pb.CachedBatch | None:
+        return await self._step(
+            "decode", [b.id for b in batches], entries, lambda: self.client.decode(batches)
+        )
+
+    async def _step(
+        self, method: str, batch_ids: list[int], entries: dict[int, Entry], call
+    ) -> pb.CachedBatch | None:
+        start = time.monotonic()
+        self.metrics.inc("tgi_batch_inference_count", method=method)
+        try:
+            result: StepResult = await call()
+        except ClientError as err:
+            for batch_id in batch_ids:
+                try:
+                    await self.client.clear_cache(batch_id)
+                except ClientError:
+                    pass
+            log.error(f"{method} failed: {err}")
+            self.healthy = False
+            self._fail(entries, GenerationError(str(err)))
+            self.metrics.inc("tgi_batch_inference_failure", method=method)
+            return None
+        filter_start = time.monotonic()
+        self._send_generations(result, entries)
+        try:
+            next_batch = await self._filter(result.batch, entries)
+        except ClientError as err:
+            # NOTE: the Rust router panics here (unwrap); failing the batch keeps serving.
+            log.error(f"FilterBatch/ClearCache after {method} failed: {err}")
+            if result.batch is not None:
+                try:
+                    await self.client.clear_cache(result.batch.id)
+                except ClientError:
+                    pass
+            self.healthy = False
+            self._fail(entries, GenerationError(str(err)))
+            return None
+        t = result.timings
+        if t.concat_ns is not None:
+            self.metrics.observe("tgi_batch_concat_duration", t.concat_ns / 1e9, method="decode")
+        self.metrics.observe("tgi_batch_forward_duration", t.forward_ns / 1e9, method=method)
+        self.metrics.observe("tgi_batch_decode_duration", t.decode_ns / 1e9, method=method)
+        self.metrics.observe(
+            "tgi_batch_filter_duration", time.monotonic() - filter_start, method=method
+        )
+        self.metrics.observe(
+            "tgi_batch_inference_duration", time.monotonic() - start, method=method
+        )
+        self.metrics.inc("tgi_batch_inference_success", method=method)
+        self.steps += 1
+        return next_batch
+
+    def _send_generations(self, result: StepResult, entries: dict[int, Entry]) -> None:
+        for gen in result.generations:
+            entry = entries.get(gen.request_id)
+            if entry is None:
+                log.error(f"the shard returned a generation for unknown request {gen.request_id}")
+                continue
+            if entry.cancelled:
+                continue  # swept below
+            events, finished = generation_events(
+                gen, entry.queue_time, entry.batch_time or entry.queue_time
+            )
+            for event in events:
+                entry.send(event)
+            if finished:
+                self._remove(entries, entry)
+        for entry in [e for e in entries.values() if e.cancelled]:
+            self.metrics.inc("tgi_request_failure", err="dropped")
+            self._remove(entries, entry)
+
+    def _remove(self, entries: dict[int, Entry], entry: Entry) -> None:
+        entries.pop(entry.id, None)
+        self.queue.free(entry)
+
+    def _fail(self, entries: dict[int, Entry], error: InferError) -> None:
+        for entry in list(entries.values()):
+            self.metrics.inc("tgi_request_failure", err=error.error_type)
+            entry.fail(error)
+            self._remove(entries, entry)
+
+    async def _filter(
+        self, batch: pb.CachedBatch | None, entries: dict[int, Entry]
+    ) -> pb.CachedBatch | None:
+        """FilterBatch to the live ids when the shard's batch holds others; ClearCache if none."""
+        if batch is None:
+            return None
+        if batch.size == len(entries):
+            return batch
+        keep = [i for i in batch.request_ids if i in entries]
+        if not keep:
+            await self.client.clear_cache(batch.id)
+            return None
+        return await self.client.filter_batch(batch.id, keep)

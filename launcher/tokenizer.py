@@ -1,0 +1,60 @@
+"""The router's own tokenizer: the model's ``transformers.AutoTokenizer`` (TGI's router loads
+the same one through pyo3). It counts prompt tokens for validation and block allocation, answers
+``/tokenize`` and renders chat templates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import TemplateError, ValidationError
+
+
+class Tokenizer:
+    def __init__(self, hf: Any) -> None:
+        self.hf = hf
+        # NOTE: the fast tokenizer's Rust object is what TGI's router uses; it is also ~5x faster
+        # than the Python ``__call__`` path for short prompts.
+        self._fast = getattr(hf, "_tokenizer", None)
+
+    @classmethod
+    def load(
+        cls, model_id: str, revision: str | None = None, trust_remote_code: bool = False
+    ) -> Tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(
+                model_id, revision=revision, trust_remote_code=trust_remote_code
+            )
+        except Exception as err:
+            raise ValueError(f"could not load the tokenizer of {model_id!r}: {err}") from err
+        return cls(hf)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            if self._fast is not None:
+                return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as err:
+            raise ValidationError(f"tokenizer error {err}") from err
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[dict]:
+        """``/tokenize``: ``[{id, text, start, stop}]`` with character offsets into ``text``."""
+        if self._fast is None:
+            raise ValidationError("No fast tokenizer available")
+        enc = self._fast.encode(text, add_special_tokens=add_special_tokens)
+        return [
+            {"id": i, "text": text[start:stop], "start": start, "stop": stop}
+            for i, (start, stop) in zip(enc.ids, enc.offsets)
+        ]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not getattr(self.hf, "chat_template", None):
+            raise TemplateError("template not found")
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:
+            raise TemplateError(str(err)) from err

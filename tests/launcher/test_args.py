@@ -1,0 +1,153 @@
+"""Launcher flags: TGI names and defaults, refused flags, env fallbacks, shard command lines."""
+
+from __future__ import annotations
+
+import pytest
+from tgi_npu_backend.launcher.args import RefusedFlag, find_num_shards, parse_args
+from tgi_npu_backend.launcher.model_config import default_prefill_tokens, resolve_attention
+from tgi_npu_backend.launcher.shards import download_command, serve_command, shard_env
+
+
+def test_defaults_match_text_generation_launcher(monkeypatch):
+    for var in ("MODEL_ID", "PORT", "MAX_CONCURRENT_REQUESTS"):
+        monkeypatch.delenv(var, raising=False)
+    a = parse_args([])
+    assert a.model_id == "bigscience/bloom-560m" and a.port == 3000 and a.hostname == "0.0.0.0"
+    assert (a.max_concurrent_requests, a.max_stop_sequences, a.max_top_n_tokens) == (128, 4, 5)
+    assert (a.waiting_served_ratio, a.max_waiting_tokens) == (0.3, 20)
+    assert a.shard_uds_path == "/tmp/text-generation-server" and a.master_port == 29500
+    assert a.otlp_service_name == "text-generation-inference.router"
+
+
+@pytest.mark.parametrize(
+    "flag", ["--quantize", "--speculate", "--lora-adapters", "--api-key", "--kv-cache-dtype"]
+)
+def test_unsupported_flags_are_refused_by_name(flag):
+    with pytest.raises(RefusedFlag, match=f"does not support {flag}"):
+        parse_args([flag, "x"])
+
+
+def test_argument_checks():
+    with pytest.raises(
+        RefusedFlag, match=r"`max_input_tokens`\(10\) must be < `max_total_tokens`\(10\)"
+    ):
+        parse_args(["--max-input-tokens", "10", "--max-total-tokens", "10"])
+    with pytest.raises(RefusedFlag, match="Both `max_input_tokens`"):
+        parse_args(["--max-input-tokens", "10", "--max-input-length", "10"])
+    assert parse_args(["--max-input-length", "7"]).max_input_tokens == 7
+    with pytest.raises(RefusedFlag, match="`max_total_tokens` must be <= `max_batch_total_tokens`"):
+        parse_args(["--max-total-tokens", "100", "--max-batch-total-tokens", "50"])
+    with pytest.raises(RefusedFlag, match="best_of"):
+        parse_args(["--max-best-of", "2"])
+    assert find_num_shards(None, None) == 1 and find_num_shards(True, 2) == 2
+    with pytest.raises(RefusedFlag):
+        find_num_shards(True, 1)
+
+
+def test_env_fallback_but_not_hostname(monkeypatch):
+    monkeypatch.setenv("PORT", "4321")
+    monkeypatch.setenv("HOSTNAME", "my-container")
+    a = parse_args(["--model-id", "m"])
+    assert a.port == 4321 and a.hostname == "0.0.0.0"
+
+
+def test_shard_command_lines_and_env(monkeypatch):
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    a = parse_args(
+        [
+            "--model-id",
+            "/m",
+            "--revision",
+            "r1",
+            "--dtype",
+            "bfloat16",
+            "--max-input-tokens",
+            "9",
+            "--max-total-tokens",
+            "20",
+            "--max-batch-size",
+            "3",
+            "--master-port",
+            "1234",
+        ]
+    )
+    assert download_command(a) == [
+        "text-generation-server",
+        "download-weights",
+        "/m",
+        "--extension",
+        ".safetensors",
+        "--logger-level",
+        "INFO",
+        "--json-output",
+        "--merge-lora",
+        "--revision",
+        "r1",
+    ]
+    assert serve_command(a, 2, "DEBUG") == [
+        "text-generation-server",
+        "serve",
+        "/m",
+        "--uds-path",
+        "/tmp/text-generation-server",
+        "--logger-level",
+        "DEBUG",
+        "--json-output",
+        "--sharded",
+        "--dtype",
+        "bfloat16",
+        "--revision",
+        "r1",
+        "--otlp-service-name",
+        "text-generation-inference.router",
+        "--max-input-tokens",
+        "9",
+    ]
+    env = shard_env(a, 1, 2, "paged", "0")
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == (
+        "1",
+        "2",
+        "localhost",
+        "1234",
+    )
+    assert env["ATTENTION"] == "paged" and env["PREFIX_CACHING"] == "0"
+    assert env["MAX_TOTAL_TOKENS"] == "20" and env["MAX_BATCH_SIZE"] == "3"
+    assert env["CUDA_GRAPHS"] == "1,2,4,8,16,32" and env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert "LOG_LEVEL" not in env
+
+
+def test_attention_resolution_and_prefill_default():
+    bloom = {"model_type": "bloom", "n_head": 16, "hidden_size": 1024}
+    gemma = {
+        "model_type": "gemma",
+        "head_dim": 256,
+        "num_attention_heads": 8,
+        "max_position_embeddings": 8192,
+    }
+    assert resolve_attention(bloom, {}) == ("paged", "0")
+    assert resolve_attention(gemma, {}) == ("flashinfer", "true")
+    assert resolve_attention(gemma, {"ATTENTION": "paged"}) == ("paged", "0")
+    assert resolve_attention({"model_type": "gemma", "head_dim": 32}, {}) == ("paged", "0")
+    assert (
+        default_prefill_tokens(gemma) == 4096
+        and default_prefill_tokens({"max_position_embeddings": 2048}) == 2048
+    )
+    assert default_prefill_tokens(None) == 4096
+
+
+def test_shard_json_log_lines_are_reemitted_at_their_level(caplog):
+    import logging
+
+    from tgi_npu_backend.launcher.logs import JsonFormatter, emit_shard_line
+
+    logger = logging.getLogger("shard-test")
+    with caplog.at_level(logging.DEBUG, logger="shard-test"):
+        emit_shard_line(
+            '{"text": "loaded\\n", "record": {"level": {"name": "WARNING"}}}\n', 0, logger
+        )
+        emit_shard_line("plain stdout noise\n", 1, logger)
+    (warn, noise) = caplog.records
+    assert (warn.levelno, warn.getMessage(), warn.rank) == (logging.WARNING, "loaded", 0)
+    assert noise.levelno == logging.DEBUG
+    line = JsonFormatter().format(warn)
+    assert '"level": "WARNING"' in line and '"rank": 0' in line
