@@ -1,0 +1,53 @@
+"""Which class serves which ``model_type``, and the one function that builds a loaded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tgi_npu_backend.distributed import ParallelContext
+from tgi_npu_backend.kernels.base import AttentionBackend
+from tgi_npu_backend.models.base import CausalLM
+from tgi_npu_backend.models.bloom import BloomForCausalLM
+from tgi_npu_backend.models.config import ModelConfig
+from tgi_npu_backend.models.gemma import GemmaForCausalLM
+from tgi_npu_backend.weights import Weights
+
+MODELS: dict[str, type[CausalLM]] = {
+    "bloom": BloomForCausalLM,
+    "gemma": GemmaForCausalLM,
+}
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: is {model_dir} a Hugging Face model directory?")
+    return ModelConfig.from_hf(json.loads(path.read_text()))
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: AttentionBackend,
+    parallel: ParallelContext = ParallelContext(),
+) -> CausalLM:
+    """Build the model ``config.json`` names and load its weights strictly (this rank's shard):
+    every parameter read, shapes checked, and no tensor left unused."""
+    config = read_model_config(model_dir)
+    cls = MODELS.get(config.model_type)
+    if cls is None:  # ModelConfig and MODELS disagree: a programming error, still say it plainly
+        raise ValueError(
+            f"no model class for model_type {config.model_type!r}; have {sorted(MODELS)}"
+        )
+    weights = Weights(
+        model_dir, dtype=dtype, device=device, parallel=parallel, resolver=cls.weight_names
+    )
+    model = cls(config, backend=backend, parallel=parallel, dtype=dtype, device=device)
+    model.load_weights(weights)
+    weights.check_all_used(model.allowed_unused())
+    return model.eval()
