@@ -213,3 +213,31 @@ def test_warmup_echoes_limits_and_is_not_cached(shard: RouterSim):
     shard.allocator = SimpleAllocator(resp.max_supported_total_tokens // shard.info.block_size,
                                       shard.info.block_size)
     assert alone(shard, dict(text="Hello", max_new_tokens=3)).generated_tokens == 3
+
+
+def test_add_special_tokens_as_sent(shard: RouterSim):
+    """The shard tokenizes as the router does: BOS (Gemma) only when add_special_tokens is set."""
+    text = "Hello there"
+    for add in (True, False):
+        res = alone(shard, dict(text=text, max_new_tokens=2, prefill_logprobs=True, add_special_tokens=add))
+        assert list(res.prefill.ids) == shard.tokenizer(text, add_special_tokens=add)["input_ids"]
+    if shard.tokenizer.bos_token == "<bos>":  # Gemma's tokenizer adds BOS; BLOOM's adds nothing
+        res = alone(shard, dict(text=text, max_new_tokens=2, prefill_logprobs=True))
+        assert res.prefill.ids[0] == shard.tokenizer.bos_token_id
+
+
+def test_timings_and_concatenation(shard: RouterSim):
+    a = shard.request("The quick brown fox", max_new_tokens=4)
+    b = shard.request("Hello", max_new_tokens=4)
+    stub = shard.stubs[0]
+    first = stub.Prefill(pb.PrefillRequest(batch=shard.batch([a])))
+    second = stub.Prefill(pb.PrefillRequest(batch=shard.batch([b])))
+    assert not first.HasField("concat_ns")
+    assert 0 < first.forward_ns and 0 < first.decode_ns and first.total_ns >= first.forward_ns + first.decode_ns
+    resp = stub.Decode(pb.DecodeRequest(batches=[first.batch, second.batch]))
+    assert resp.HasField("concat_ns") and resp.batch.id == first.batch.id  # the first id is kept
+    assert list(resp.batch.request_ids) == [a.id, b.id] and resp.batch.size == 2
+    assert resp.batch.current_tokens == 2 and resp.batch.max_tokens == (len(a.blocks) + len(b.blocks)) * shard.info.block_size
+    shard.clear(resp.batch.id)
+    shard.release(a.id)
+    shard.release(b.id)
