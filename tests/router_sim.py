@@ -10,7 +10,6 @@ generations are concatenated, as the router's sharded client does.
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -20,16 +19,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tgi_npu_backend.launcher.allocator import BlockAllocator
+from tgi_npu_backend.launcher.warmup import build_warmup_request
 from tgi_npu_backend.pb import generate_pb2 as pb
 from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
 
 U64_MAX = 2**64 - 1
-# The router's warmup image: a tiny PNG, labelled image/jpeg as the router does.
-WARMUP_PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
-)
-
-
 @dataclass
 class Result:
     ids: list[int] = field(default_factory=list)
@@ -41,26 +36,6 @@ class Result:
     finish_reason: int | None = None
     seed: int | None = None
     generated_tokens: int | None = None
-
-
-class SimpleAllocator:
-    """backends/v3 SimpleAllocator: blocks 1..n-1 (0 is the health probe's)."""
-
-    def __init__(self, num_blocks: int, block_size: int):
-        self.block_size = block_size
-        self.free = list(range(num_blocks - 1, 0, -1))
-        self.total = num_blocks - 1
-
-    def allocate(self, tokens: int) -> tuple[list[int], list[int]] | None:
-        n = -(-tokens // self.block_size)
-        if n > len(self.free):
-            return None
-        blocks = [self.free.pop() for _ in range(n)]
-        slots = [b * self.block_size + o for b in blocks for o in range(self.block_size)][:tokens]
-        return blocks, slots
-
-    def release(self, blocks: list[int]) -> None:
-        self.free.extend(blocks)
 
 
 def params(**kw) -> pb.NextTokenChooserParameters:
@@ -81,7 +56,7 @@ class RouterSim:
         self.pool = ThreadPoolExecutor(max_workers=8)
         self.next_request_id = 0
         self.next_batch_id = 0
-        self.blocks: dict[int, list[int]] = {}
+        self.blocks: dict[int, object] = {}  # request id -> BlockAllocation
 
     # ---------------------------------------------------------------- shard calls
     def _all(self, method: str, request):
@@ -107,35 +82,14 @@ class RouterSim:
             assert self.max_total == max_total, "the shard must echo max_total_tokens"
         assert self.max_input < self.max_total <= self.max_supported
         assert self.max_input <= max_prefill
-        self.allocator = SimpleAllocator(self.max_supported // self.info.block_size, self.info.block_size)
+        self.allocator = BlockAllocator(self.max_supported, self.info.block_size)
         return self.info
 
-    def warmup_request(self, max_input, max_total, max_prefill, max_batch_size) -> pb.WarmupRequest:
-        """grpc_client.rs warmup: requests until max_prefill tokens are covered, all with id 0."""
-        requests, remaining = [], max_prefill
-        while remaining > 0 and (max_batch_size is None or len(requests) < max_batch_size):
-            truncate = min(max_input, remaining) if max_input is not None else remaining
-            chunks = [pb.InputChunk(text="_test " * truncate)]
-            if not requests:
-                chunks.append(pb.InputChunk(image=pb.Image(data=WARMUP_PNG, mimetype="image/jpeg;base64")))
-            requests.append(pb.Request(
-                id=0, inputs="_test " * truncate, input_chunks=pb.Input(chunks=chunks), truncate=truncate,
-                add_special_tokens=True,
-                parameters=params(temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=False,
-                                  seed=0, repetition_penalty=1.2, frequency_penalty=0.1, watermark=True),
-                stopping_parameters=pb.StoppingCriteriaParameters(
-                    max_new_tokens=(max_total - truncate) if max_total is not None else 1,
-                    ignore_eos_token=True),
-                prefill_logprobs=True, top_n_tokens=20,
-            ))
-            remaining -= truncate
-        batch = pb.Batch(id=0, requests=requests, size=len(requests), max_tokens=max_input or 0, max_blocks=0)
-        req = pb.WarmupRequest(batch=batch, max_prefill_tokens=max_prefill)
-        if max_input is not None:
-            req.max_input_tokens = max_input
-        if max_total is not None:
-            req.max_total_tokens = max_total
-        return req
+    @staticmethod
+    def warmup_request(max_input, max_total, max_prefill, max_batch_size) -> pb.WarmupRequest:
+        """grpc_client.rs warmup: requests until max_prefill tokens are covered, all with id 0
+        (built by the launcher's router, whose own tests check it against the Rust router)."""
+        return build_warmup_request(max_input, max_prefill, max_total, max_batch_size)
 
     # ---------------------------------------------------------------- requests
     def request(self, text: str, max_new_tokens: int = 16, truncate: int | None = None,
@@ -148,8 +102,8 @@ class RouterSim:
         self.next_request_id += 1
         alloc = self.allocator.allocate(len(ids) + max_new_tokens - 1)
         assert alloc is not None, "KV pool exhausted in test"
-        blocks, slots = alloc
-        self.blocks[rid] = blocks
+        blocks, slots = list(alloc.blocks), list(alloc.slots)
+        self.blocks[rid] = alloc
         return pb.Request(
             id=rid, inputs=text, input_chunks=text_input(text), truncate=truncate,
             parameters=params(**sampling), add_special_tokens=add_special_tokens,
@@ -159,7 +113,7 @@ class RouterSim:
         )
 
     def release(self, request_id: int) -> None:
-        self.allocator.release(self.blocks.pop(request_id))
+        self.allocator.free(self.blocks.pop(request_id))
 
     def batch(self, requests: list[pb.Request]) -> pb.Batch:
         bid = self.next_batch_id

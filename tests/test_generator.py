@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from router_sim import RouterSim, SimpleAllocator
+from router_sim import RouterSim
+from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.config import ServerConfig
 from tgi_npu_backend.load import build_generator
 from tgi_npu_backend.pb import generate_pb2 as pb
@@ -27,7 +28,7 @@ class InProcess:
         self.sim = RouterSim("unused", AutoTokenizer.from_pretrained(model_dir, truncation_side="left"))
         warm = self.sim.warmup_request(None, None, 128, None)
         supported, self.sim.max_input, self.sim.max_total = self.gen.warmup(warm.batch, None, 128, None)
-        self.sim.allocator = SimpleAllocator(supported // self.gen.block_size, self.gen.block_size)
+        self.sim.allocator = BlockAllocator(supported, self.gen.block_size)
 
     def generate(self, requests: list[pb.Request]):
         """Prefill all together, decode until every request finished; tokens/logprobs per id."""

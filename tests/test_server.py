@@ -15,7 +15,8 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from router_sim import RouterSim, SimpleAllocator, start_shard
+from router_sim import RouterSim, start_shard
+from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.pb import generate_pb2 as pb
 
 MODELS = ["bloom_dir", "gemma_mqa_dir"]
@@ -95,7 +96,7 @@ def test_requests_in_a_changing_batch_match_their_solo_runs(shard: RouterSim):
     assert solo["e"].generated_text.endswith(stop) and len(solo["e"].ids) < len(solo["a"].ids)
     assert solo["g"].seed == 42 and solo["a"].seed is None  # seed reported for sampled requests only
 
-    free_before = len(shard.allocator.free)
+    free_before = shard.allocator.free_blocks
     reqs = {}
     for k, v in sp.items():
         v = dict(v)
@@ -104,7 +105,7 @@ def test_requests_in_a_changing_batch_match_their_solo_runs(shard: RouterSim):
     got = shard.run(plan, cancel={3: [reqs["d"].id]})
     for k, req in reqs.items():
         same(got[req.id], solo[k], cancelled=(k == "d"))
-    assert len(shard.allocator.free) == free_before, "every block came back"
+    assert shard.allocator.free_blocks == free_before, "every block came back"
 
 
 def test_stream_pieces_join_to_generated_text(shard: RouterSim):
@@ -210,8 +211,7 @@ def test_warmup_echoes_limits_and_is_not_cached(shard: RouterSim):
     assert resp.max_input_tokens < resp.max_total_tokens <= resp.max_supported_total_tokens
     assert resp.max_input_tokens <= 256
     shard.max_input = resp.max_input_tokens
-    shard.allocator = SimpleAllocator(resp.max_supported_total_tokens // shard.info.block_size,
-                                      shard.info.block_size)
+    shard.allocator = BlockAllocator(resp.max_supported_total_tokens, shard.info.block_size)
     assert alone(shard, dict(text="Hello", max_new_tokens=3)).generated_tokens == 3
 
 
