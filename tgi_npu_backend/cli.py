@@ -20,6 +20,14 @@ KV_FRACTION_HELP = (
 )
 
 
+DIST_TIMEOUT_HELP = (
+    "Tensor parallel (--sharded): seconds a rank waits for its peers at the rendezvous and in "
+    "each collective, and after which a peer that sent no heartbeat counts as dead; this shard "
+    "then exits (status 1) so the launcher tears the set down. Default 120. "
+    "Env: TGI_NPU_DIST_TIMEOUT."
+)
+
+
 def setup_logging(level: str | None, json_output: bool) -> None:
     """loguru on stdout; with --json-output one serialized JSON record per line (the launcher
     parses ``record.level.name`` and ``text``)."""
@@ -66,6 +74,7 @@ def main() -> None:
 @click.option("--device", default="auto", help="auto | cpu | npu (env TGI_NPU_DEVICE).")
 @click.option("--block-size", type=int, default=None, help="KV block size (multiple of 16, <= 128). Env: TGI_NPU_BLOCK_SIZE.")
 @click.option("--kv-cache-fraction", type=float, default=None, help=KV_FRACTION_HELP)
+@click.option("--dist-timeout", type=float, default=None, help=DIST_TIMEOUT_HELP)
 def serve(model_id: str, **flags) -> None:
     """Serve MODEL_ID (local directory or hub id) over TGI's v3 gRPC interface."""
     try:
@@ -76,11 +85,12 @@ def serve(model_id: str, **flags) -> None:
     setup_logging(config.log_level, config.json_output)
     if config.otlp_endpoint:
         logger.warning(f"--otlp-endpoint {config.otlp_endpoint}: tracing export is not implemented; ignored")
+    from .errors import FatalError
     from .server import serve as run_server
 
     try:
         run_server(config)
-    except ValueError as err:  # unsupported model, bad checkpoint, impossible sizes
+    except (ValueError, FatalError) as err:  # unsupported model, bad checkpoint, sizes, no peers
         _fail(str(err))
 
 

@@ -26,6 +26,7 @@ LOG_LEVELS: dict[str, str | None] = {
 
 DEFAULT_CPU_KV_FRACTION = 0.2  # share of MemAvailable given to the KV pool on CPU
 DEFAULT_NPU_KV_FRACTION = 0.9  # share of free device memory after warmup (TGI_WIGGLE_ROOM-like)
+DEFAULT_DIST_TIMEOUT_S = 120.0  # rendezvous, each collective, and a silent peer (tensor parallel)
 
 
 def _flag_error(flag: str, value: object, why: str) -> ValueError:
@@ -77,6 +78,7 @@ class ServerConfig:
     world_size: int = 1
     master_addr: str = "localhost"
     master_port: int = 29500
+    dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
     # hints from the launcher: the router only uses what Info returns
     attention_hint: str | None = None
     prefix_caching_hint: str | None = None
@@ -120,6 +122,7 @@ class ServerConfig:
         device: str = "auto",
         block_size: int | None = None,
         kv_cache_fraction: float | None = None,
+        dist_timeout: float | None = None,
     ) -> ServerConfig:
         """Validate flags + environment; refuse what this shard cannot honour, naming the flag."""
         if quantize:
@@ -162,6 +165,11 @@ class ServerConfig:
         if kv_cache_fraction is not None and not 0.0 < kv_cache_fraction <= 1.0:
             raise _flag_error("--kv-cache-fraction", kv_cache_fraction, "must be in (0, 1]")
 
+        if dist_timeout is None:
+            dist_timeout = _env_float(env, "TGI_NPU_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)
+        if not dist_timeout > 0:
+            raise _flag_error("--dist-timeout", dist_timeout, "must be a positive number of seconds")
+
         return cls(
             model_id=model_id,
             revision=revision,
@@ -178,6 +186,7 @@ class ServerConfig:
             world_size=world_size,
             master_addr=env.get("MASTER_ADDR", "localhost"),
             master_port=_env_int(env, "MASTER_PORT") or 29500,
+            dist_timeout_s=dist_timeout,
             attention_hint=env.get("ATTENTION"),
             prefix_caching_hint=env.get("PREFIX_CACHING"),
             hub_cache=env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"),

@@ -5,7 +5,8 @@ Protocol facts this class keeps (see shared/tgi/PROTOCOL.md section 0):
 * the KV pool is sized once by warmup and persists across batches and ClearCache;
 * Prefill/Decode return the batch still holding just-finished requests (the router filters);
 * an unknown batch id in Decode/FilterBatch is an error that changes nothing; in ClearCache a no-op;
-* each request's Generation is produced by exactly one rank (``request.id % world_size``).
+* each request's Generation is produced by exactly one rank (``request.id % world_size``);
+  every rank keeps every request (the forward pass is collective) and sizes one KV pool.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 
 from . import device as devices
 from .batch import Batch, BatchContext
+from .distributed import ParallelContext
 from .errors import BatchNotFoundError, InvalidRequestError
 from .kv_cache import KVCache, KVCacheSpec
 from .model_runner import ModelRunner
@@ -44,8 +46,7 @@ class Generator:
         kv_spec: KVCacheSpec,
         eos_token_ids: frozenset[int],
         model_max_length: int | None,
-        rank: int = 0,
-        world_size: int = 1,
+        parallel: ParallelContext = ParallelContext(),
         kv_cache_fraction: float | None = None,
         max_input_tokens: int | None = None,
         watermark_gamma: float = 0.5,
@@ -60,8 +61,9 @@ class Generator:
         self.kv_spec = kv_spec
         self.eos_token_ids = eos_token_ids
         self.model_max_length = model_max_length
-        self.rank = rank
-        self.world_size = world_size
+        self.parallel = parallel
+        self.rank = parallel.rank
+        self.world_size = parallel.world_size
         self.kv_cache_fraction = kv_cache_fraction
         self.max_input_tokens = max_input_tokens  # --max-input-tokens until Warmup decides
         self.watermark = (watermark_gamma, watermark_delta)
@@ -182,6 +184,9 @@ class Generator:
         devices.empty_cache(self.device)
 
         num_blocks = self.kv_spec.blocks_for(devices.kv_cache_budget(self.device, self.kv_cache_fraction))
+        # NOTE: free memory differs between ranks; all must report (and allocate) one capacity,
+        # and every other choice below is derived from it and from identical flags.
+        num_blocks = self.parallel.all_reduce_min(num_blocks, self.device)
         self.kv_cache = KVCache(self.kv_spec, num_blocks, self.backend, self.device)
         capacity = self.kv_cache.num_slots
         max_input, max_total = self._limits(max_input, max_prefill, max_total, capacity)

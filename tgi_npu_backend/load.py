@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 from loguru import logger
 
 from tgi_npu_backend.kernels import check_block_size, get_backend
+from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.registry import load_model, read_model_config
 
 from . import device as devices
 from .config import ServerConfig
-from .distributed import init_parallel
+from .distributed import abort_process, init_parallel
 from .generator import Generator
 from .hub import resolve_model_dir
 from .kv_cache import KVCacheSpec
@@ -48,13 +50,36 @@ def model_max_length(max_position_embeddings: int | None, tokenizer) -> int | No
     return n if n and n < 10**7 else None  # HF uses a huge sentinel when unknown
 
 
+def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
+    """Refuse, before joining the process group, a world size that a sharded dimension does not
+    divide (every rank holds an equal block of heads, vocabulary rows and MLP columns)."""
+    for name, size in (
+        ("num_attention_heads", cfg.num_heads),
+        ("vocab_size", cfg.vocab_size),
+        ("intermediate_size", cfg.intermediate_size),
+    ):
+        if size % world_size != 0:
+            raise ValueError(
+                f"{cfg.model_type} {name} = {size} is not divisible by the tensor-parallel world "
+                f"size {world_size}; choose a --num-shard that divides it"
+            )
+    cfg.kv_heads_per_rank(world_size)  # KV heads: split evenly, or replicated (world % kv == 0)
+
+
 def build_generator(config: ServerConfig) -> Generator:
     model_dir = resolve_model_dir(config.model_id, config.revision, config.hub_cache)
     model_config = read_model_config(model_dir)  # refuses unsupported architectures early
+    check_tensor_parallel(model_config, config.world_size)
     device = devices.select_device(config.device, config.rank)
     dtype = devices.select_dtype(config.dtype, device, model_config.torch_dtype)
     parallel = init_parallel(
-        config.rank, config.world_size, config.master_addr, config.master_port, device.type
+        config.rank,
+        config.world_size,
+        config.master_addr,
+        config.master_port,
+        device.type,
+        timeout_s=config.dist_timeout_s,
+        on_peer_lost=partial(abort_process, remove=[config.socket_path]),
     )
     backend = get_backend(device)
     block_size = config.block_size
@@ -85,8 +110,7 @@ def build_generator(config: ServerConfig) -> Generator:
         kv_spec=kv_spec,
         eos_token_ids=eos_token_ids(model_dir, model_config.eos_token_ids, tokenizer),
         model_max_length=model_max_length(model_config.max_position_embeddings, tokenizer),
-        rank=parallel.rank,
-        world_size=parallel.world_size,
+        parallel=parallel,
         kv_cache_fraction=config.kv_cache_fraction,
         max_input_tokens=config.max_input_tokens,
         watermark_gamma=config.watermark_gamma,

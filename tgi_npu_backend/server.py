@@ -20,6 +20,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
+from .distributed import abort_process
 from .generator import Generator
 from .interceptor import ExceptionInterceptor
 
@@ -72,14 +73,20 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return out.to_pb(pb.DecodeResponse)
 
 
-async def serve_async(config: ServerConfig, generator: Generator) -> None:
+async def serve_async(config: ServerConfig, generator: Generator) -> bool:
+    """Serve until SIGINT/SIGTERM (returns False) or a fatal error (returns True)."""
     stop = asyncio.Event()
+    fatal = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    def on_fatal() -> None:
+        fatal.set()
+        stop.set()
+
     server = grpc.aio.server(
-        interceptors=[ExceptionInterceptor(on_fatal=stop.set)],
+        interceptors=[ExceptionInterceptor(on_fatal=on_fatal)],
         options=[
             ("grpc.max_receive_message_length", 2**31 - 1),
             ("grpc.max_send_message_length", 2**31 - 1),
@@ -96,14 +103,19 @@ async def serve_async(config: ServerConfig, generator: Generator) -> None:
     await server.start()  # the socket file appears now: the launcher's readiness signal
     logger.info(f"Server started at unix://{config.socket_path}")
     await stop.wait()
-    logger.info("Signal received. Shutting down")
-    await server.stop(grace=5)
+    generator.parallel.shutdown()  # peers are going down too: stop watching them
+    logger.info("Fatal error: shutting down" if fatal.is_set() else "Signal received. Shutting down")
+    await server.stop(grace=0 if fatal.is_set() else 5)
     if os.path.exists(config.socket_path):
         os.unlink(config.socket_path)
+    return fatal.is_set()
 
 
 def serve(config: ServerConfig) -> None:
     from .load import build_generator
 
     generator = build_generator(config)  # the model is loaded before any socket exists
-    asyncio.run(serve_async(config, generator))
+    if asyncio.run(serve_async(config, generator)):
+        # A fatal error (device OOM, a tensor-parallel peer gone): exit non-zero at once, without
+        # joining the generator thread, which may still be blocked in a collective.
+        abort_process(f"rank {config.rank}: stopped after a fatal error (logged above)")
