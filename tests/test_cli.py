@@ -167,3 +167,43 @@ def test_unsupported_architectures_are_refused_at_startup(gemma_mqa_dir, tmp_pat
                           f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert model_type in res.stderr, res.stderr[-2000:]
+
+
+def test_otlp_endpoint_exports_spans_to_a_collector(bloom_dir):
+    """--otlp-endpoint (as the launcher passes it): spans reach an OTLP/gRPC collector."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from router_sim import RouterSim
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    try:
+        uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+        proc = start_shard(bloom_dir, uds, extra_args=["--otlp-endpoint", f"http://127.0.0.1:{port}",
+                                                       "--otlp-service-name", "tgi-npu-test"])
+        RouterSim(f"{uds}-0", None).startup(max_prefill=32)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        collector.stop(None)
+    spans = {}
+    for req in received:
+        for rs in req.resource_spans:
+            service = next(a.value.string_value for a in rs.resource.attributes if a.key == "service.name")
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    spans[span.name] = service
+    for rpc in ("ServiceDiscovery", "ClearCache", "Info", "Warmup"):
+        assert spans.get(f"generate.v3.TextGenerationService/{rpc}") == "tgi-npu-test", spans

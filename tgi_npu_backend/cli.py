@@ -68,7 +68,7 @@ def main() -> None:
 @click.option("--uds-path", default="/tmp/text-generation-server", help="Socket base; '-{rank}' is appended.")
 @click.option("--logger-level", default="INFO", help="TRACE|DEBUG|INFO|WARN|ERROR|OFF")
 @click.option("--json-output/--no-json-output", default=False)
-@click.option("--otlp-endpoint", default=None, help="Accepted; tracing export is not implemented.")
+@click.option("--otlp-endpoint", default=None, help="OTLP/gRPC collector for traces (one span per RPC).")
 @click.option("--otlp-service-name", default="text-generation-inference.server")
 @click.option("--max-input-tokens", type=int, default=None)
 @click.option("--device", default="auto", help="auto | cpu | npu (env TGI_NPU_DEVICE).")
@@ -83,8 +83,6 @@ def serve(model_id: str, **flags) -> None:
         setup_logging("INFO", flags.get("json_output", False))
         _fail(str(err))
     setup_logging(config.log_level, config.json_output)
-    if config.otlp_endpoint:
-        logger.warning(f"--otlp-endpoint {config.otlp_endpoint}: tracing export is not implemented; ignored")
     from .errors import FatalError
     from .server import serve as run_server
 

@@ -85,8 +85,16 @@ async def serve_async(config: ServerConfig, generator: Generator) -> bool:
         fatal.set()
         stop.set()
 
+    interceptors = [ExceptionInterceptor(on_fatal=on_fatal)]
+    provider = None
+    if config.otlp_endpoint:
+        from .tracing import TracingInterceptor, otlp_tracer_provider
+
+        provider = otlp_tracer_provider(config.otlp_endpoint, config.otlp_service_name, config.rank)
+        interceptors.insert(0, TracingInterceptor(provider))  # outermost: spans see the status
+        logger.info(f"exporting traces to {config.otlp_endpoint} as {config.otlp_service_name}")
     server = grpc.aio.server(
-        interceptors=[ExceptionInterceptor(on_fatal=on_fatal)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", 2**31 - 1),
             ("grpc.max_send_message_length", 2**31 - 1),
@@ -108,6 +116,8 @@ async def serve_async(config: ServerConfig, generator: Generator) -> bool:
     await server.stop(grace=0 if fatal.is_set() else 5)
     if os.path.exists(config.socket_path):
         os.unlink(config.socket_path)
+    if provider is not None:
+        provider.shutdown()  # flush the last spans
     return fatal.is_set()
 
 
