@@ -73,8 +73,8 @@ class SamplingParams:
             raise ValueError(f"seed must be an unsigned 64-bit integer, got {self.seed}")
 
 
-def _seeded_generator(seed: int) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
+def _seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator
 
@@ -96,11 +96,11 @@ class TokenChooser:
     depends only on its own seed and logits: not on its batch neighbours, its row, or on
     ``filter``/``concatenate`` (which carry the generator *state*, never reseed).
 
-    NOTE: the generators live on the CPU on every device (TGI seeds one on the model's device), so
-    a seed gives the same tokens on CPU and NPU; the ``[sampling rows, vocab]`` noise is drawn on
-    the CPU and copied to ``device`` (a cost of ``S x V`` CPU draws per step, accepted for
-    reproducibility). Watermark permutations are drawn on the CPU for the same reason (TGI:
-    ``torch.randperm`` on the device, whose stream differs between device kinds).
+    NOTE: as in TGI, the generators live on the model's device and the ``[sampling rows, vocab]``
+    noise is drawn there: drawing ``S x V`` values on the host every step (V = 250k for BLOOM)
+    would cost more than an NPU decode step. A seed therefore reproduces its tokens on one kind
+    of device, not across CPU and NPU. Watermark permutations are drawn on the CPU (one
+    ``randperm`` per watermarked row, seeded by the previous token, as TGI's green lists).
     """
 
     def __init__(
@@ -122,7 +122,7 @@ class TokenChooser:
         if not 0 < watermark_gamma <= 1:
             raise ValueError(f"watermark gamma must be in (0, 1], got {watermark_gamma}")
         if generators is None:
-            generators = [_seeded_generator(p.seed) if p.is_sampling else None for p in params]
+            generators = [_seeded_generator(p.seed, device) if p.is_sampling else None for p in params]
         if len(generators) != len(params) or any(
             (g is None) == p.is_sampling for g, p in zip(generators, params)
         ):
@@ -250,10 +250,10 @@ class TokenChooser:
         vocab = scores.shape[-1]
         noise = torch.stack(
             [
-                torch.empty(vocab).exponential_(1.0, generator=self.generators[i])
+                torch.empty(vocab, device=self.device).exponential_(1.0, generator=self.generators[i])
                 for i in self._sampling_rows
             ]
-        ).to(self.device)  # [S, V]
+        )  # [S, V]
         probs = torch.softmax(scores[self._sampling_index], dim=-1)  # [S, V]
         next_ids[self._sampling_index] = (probs / noise).argmax(dim=-1)
         return next_ids
