@@ -140,3 +140,25 @@ def test_half_dtypes_serve_on_cpu(fixture, dtype, request):
             assert tok_id == int(top2.indices[i, 0]), f"step {i}"
             checked += 1
     assert checked >= 3, "too few clear-margin steps to say anything"
+
+
+def test_lm_head_runs_only_where_logits_are_used(bloom_dir, monkeypatch):
+    """Prefill applies the LM head to each request's last position, plus every prompt position
+    only for requests that asked for prompt logprobs (in chunks of PROMPT_LOGPROB_CHUNK)."""
+    import tgi_npu_backend.model_runner as runner
+
+    shard = InProcess(bloom_dir)
+    rows = []
+    original = shard.gen.model.compute_logits
+    monkeypatch.setattr(shard.gen.model, "compute_logits", lambda h: rows.append(h.shape[0]) or original(h))
+    monkeypatch.setattr(runner, "PROMPT_LOGPROB_CHUNK", 4)
+    long_text = "The quick brown fox jumps over the lazy dog"
+    n_long = len(shard.sim.tokenizer(long_text)["input_ids"])
+    reqs = [shard.sim.request(PROMPTS[0], max_new_tokens=2), shard.sim.request(PROMPTS[1], max_new_tokens=2),
+            shard.sim.request(long_text, max_new_tokens=2, prefill_logprobs=True)]
+    shard.gen.prefill(shard.sim.batch(reqs))
+    chunks = [min(4, n_long - 1 - s) for s in range(0, n_long - 1, 4)]
+    assert rows == [3, *chunks]  # 3 last positions, then the logprob request's prompt in chunks
+    rows.clear()
+    shard.gen.decode([shard.sim.next_batch_id - 1])
+    assert rows == [3]
