@@ -15,10 +15,12 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from . import warpers
+from .warpers import NEG_INF
+
 # NOTE: TGI utils/watermark.py: "a large prime number to create a rng seed with sufficient bit
 # width".
 WATERMARK_HASH_KEY = 15485863
-_NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -233,11 +235,11 @@ class TokenChooser:
         if any(p.temperature != 1.0 for p in params):
             scores = scores / self._temperature
         if any(p.top_k != 0 for p in params):
-            scores = _top_k(scores, self._top_k, self._top_k_on, max(p.top_k for p in params))
+            scores = warpers.top_k(scores, self._top_k, self._top_k_on, max(p.top_k for p in params))
         if any(p.top_p < 1.0 for p in params):
-            scores = _top_p(scores, self._top_p_opposite, self._top_p_on)
+            scores = warpers.top_p(scores, self._top_p_opposite, self._top_p_on)
         if any(p.typical_p < 1.0 for p in params):
-            scores = _typical(scores, self._typical_p, self._typical_on)
+            scores = warpers.typical(scores, self._typical_p, self._typical_on)
         return scores
 
     def _choose(self, scores: Tensor) -> Tensor:
@@ -296,40 +298,6 @@ class TokenChooser:
         )
 
 
-def _top_k(scores: Tensor, top_k: Tensor, on: Tensor, max_top_k: int) -> Tensor:
-    """HF TopKLogitsWarper per row (min_tokens_to_keep=1); ``top_k``/``on``: ``[B, 1]``."""
-    vocab = scores.shape[-1]
-    kth_index = top_k.clamp(min=1, max=vocab) - 1  # [B, 1]
-    top_values = torch.topk(scores, min(max_top_k, vocab), dim=-1).values  # [B, k_max]
-    kth = top_values.gather(1, kth_index)  # [B, 1]
-    return scores.masked_fill((scores < kth) & on, _NEG_INF)
-
-
-def _top_p(scores: Tensor, top_p_opposite: Tensor, on: Tensor) -> Tensor:
-    """HF TopPLogitsWarper per row: drop the lowest tokens whose cumulative probability is
-    ``<= 1 - top_p``, always keeping the most likely one; ``top_p_opposite``/``on``: ``[B, 1]``."""
-    sorted_logits, sorted_indices = torch.sort(scores, descending=False)  # [B, V] ascending
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-    sorted_remove = cumulative <= top_p_opposite
-    sorted_remove[:, -1] = False  # min_tokens_to_keep = 1
-    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)  # back to vocab order
-    return scores.masked_fill(remove & on, _NEG_INF)
-
-
-def _typical(scores: Tensor, mass: Tensor, on: Tensor) -> Tensor:
-    """HF TypicalLogitsWarper per row (Meister et al. 2022); ``mass``/``on``: ``[B, 1]``."""
-    normalized = torch.log_softmax(scores, dim=-1)  # [B, V]
-    entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)  # [B, 1]
-    shifted = torch.abs(-normalized - entropy)  # [B, V] distance from the expected surprise
-    sorted_shifted, sorted_indices = torch.sort(shifted, descending=False)
-    cumulative = scores.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-    last = (cumulative < mass).sum(dim=1, keepdim=True).clamp(max=scores.shape[-1] - 1)  # [B, 1]
-    sorted_remove = sorted_shifted > sorted_shifted.gather(1, last)
-    sorted_remove[:, :1] = False  # min_tokens_to_keep = 1
-    remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
-    return scores.masked_fill(remove & on, _NEG_INF)
-
-
 def top_n_tokens(logprobs: Tensor, top_n: list[int]) -> list[tuple[list[int], list[float]]]:
     """TGI's ``batch_top_tokens``: per row the ``n`` most likely tokens plus every token tied
     with the n-th ("fuzzy" top-n, so more than ``n`` can come back), by descending logprob
@@ -346,7 +314,7 @@ def top_n_tokens(logprobs: Tensor, top_n: list[int]) -> list[tuple[list[int], li
     sorted_top = torch.topk(logprobs, k=int(n.max()), dim=-1).values  # [B, n_max]
     nth = sorted_top.gather(1, (n - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
     # NOTE: TGI: a -inf n-th value would admit every -inf token; use the lowest finite instead.
-    nth = nth.masked_fill(nth == _NEG_INF, torch.finfo(logprobs.dtype).min)
+    nth = nth.masked_fill(nth == NEG_INF, torch.finfo(logprobs.dtype).min)
     counts = (logprobs >= nth).sum(dim=1).masked_fill(n == 0, 0)  # [B]
     k = max(int(counts.max()), 1)
     top = torch.topk(logprobs, k=k, dim=-1)  # [B, k]
