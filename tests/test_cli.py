@@ -207,3 +207,55 @@ def test_otlp_endpoint_exports_spans_to_a_collector(bloom_dir):
                     spans[span.name] = service
     for rpc in ("ServiceDiscovery", "ClearCache", "Info", "Warmup"):
         assert spans.get(f"generate.v3.TextGenerationService/{rpc}") == "tgi-npu-test", spans
+
+
+@pytest.mark.parametrize("has_safetensors", [True, False])
+def test_download_weights_from_the_hub_fetches_what_serving_needs(bloom_dir, tmp_path, monkeypatch, has_safetensors):
+    """The hub path with huggingface_hub's calls replaced by a local fake repository."""
+    import huggingface_hub
+    from safetensors.torch import load_file
+
+    from tgi_npu_backend import hub
+
+    repo = tmp_path / "repo"
+    shutil.copytree(bloom_dir, repo)
+    if not has_safetensors:
+        torch.save(load_file(str(repo / "model.safetensors")), repo / "pytorch_model.bin")
+        (repo / "model.safetensors").unlink()
+    calls = []
+
+    class FakeApi:
+        def list_repo_files(self, repo_id, revision=None):
+            return [p.name for p in repo.iterdir()]
+
+    def fake_snapshot_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, local_files_only=False):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        calls.append((repo_id, revision, allow_patterns))
+        out = tmp_path / "snapshot"
+        out.mkdir(exist_ok=True)
+        import fnmatch
+
+        for p in repo.iterdir():
+            if any(fnmatch.fnmatch(p.name, pat) for pat in allow_patterns):
+                shutil.copy(p, out / p.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    local = hub.download_weights("bigscience/bloom-tiny", revision="main")
+    assert calls[0][:2] == ("bigscience/bloom-tiny", "main")
+    for needed in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (local / needed).exists(), needed
+    assert list(local.glob("*.safetensors")), "weights end up as safetensors"
+    if not has_safetensors:
+        assert "*.bin" in calls[0][2] and (local / "pytorch_model.safetensors").exists()
+
+
+def test_download_weights_refuses_a_lora_adapter(tmp_path):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "bigscience/bloom-560m"}))
+    (d / "adapter_model.safetensors").write_bytes(b"")
+    res = _download(str(d))
+    assert res.returncode == 1 and "PEFT/LoRA adapter" in res.stderr

@@ -54,6 +54,16 @@ def resolve_model_dir(model_id: str, revision: str | None = None, cache_dir: str
         ) from err
 
 
+def _refuse_adapter(model_id: str, files: list[str]) -> None:
+    """The launcher passes --merge-lora for every model; TGI merges PEFT adapters into their base
+    model there. LoRA is not supported here, so an adapter repository is refused by name."""
+    if "adapter_config.json" in files and "config.json" not in files:
+        raise ModelNotFoundError(
+            f"{model_id} is a PEFT/LoRA adapter, which this server cannot merge or serve; "
+            "serve its base model instead"
+        )
+
+
 def _safetensors_in(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
@@ -114,6 +124,7 @@ def download_weights(
         raise ValueError(f"--extension {extension}: only .safetensors weights are served")
     path = Path(model_id)
     if path.is_dir():
+        _refuse_adapter(model_id, [p.name for p in path.iterdir()])
         if _safetensors_in(path):
             logger.info(f"found safetensors weights in {path}")
             return path
@@ -137,11 +148,14 @@ def download_weights(
         pass
     try:
         files = HfApi().list_repo_files(model_id, revision=revision)
+        _refuse_adapter(model_id, files)
         has_safetensors = any(f.endswith(".safetensors") for f in files)
         patterns = AUX_PATTERNS + (["*.safetensors"] if has_safetensors else ["*.bin"])
         local = Path(
             snapshot_download(model_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
         )
+    except ModelNotFoundError:
+        raise
     except Exception as err:
         raise _hub_error(model_id, err) from err
     if not has_safetensors:
