@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class BlockAllocation:
     blocks: tuple[int, ...]
     slots: tuple[int, ...]  # slots[p] holds the KV of sequence position p
-    prefix_len: int = 0  # always 0: this allocator does no prefix caching
+    prefix_len: int = 0  # leading positions whose KV is already cached (0 here; see radix.py)
 
 
 class BlockAllocator:
@@ -44,8 +44,11 @@ class BlockAllocator:
             tokens = min(tokens, self.window_size)
         return -(-tokens // self.block_size)
 
-    def allocate(self, tokens: int) -> BlockAllocation | None:
-        """Blocks and slots for ``tokens`` positions, or None when the pool is short."""
+    def allocate(
+        self, tokens: int, prefill_tokens: list[int] | None = None
+    ) -> BlockAllocation | None:
+        """Blocks and slots for ``tokens`` positions, or None when the pool is short
+        (``prefill_tokens`` is ignored: no prefix reuse here)."""
         required = self.blocks_for(tokens)
         if required > len(self._free):
             return None
@@ -64,7 +67,7 @@ class BlockAllocator:
                 break
         return BlockAllocation(blocks=tuple(blocks), slots=tuple(slots))
 
-    def free(self, allocation: BlockAllocation) -> None:
+    def free(self, allocation: BlockAllocation, cache: bool = True) -> None:
         for block in allocation.blocks:
             assert block in self._used, f"block {block} freed twice"
             self._used.remove(block)

@@ -9,11 +9,12 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .allocator import BlockAllocation, BlockAllocator
+from .radix import RadixAllocator
 from .entities import ValidRequest
 from .errors import InferError
 from .metrics import Metrics
@@ -52,7 +53,7 @@ class Queue:
     def __init__(
         self,
         *,
-        allocator: BlockAllocator | None,
+        allocator: BlockAllocator | RadixAllocator | None,
         block_size: int,
         speculate: int,
         metrics: Metrics,
@@ -87,9 +88,11 @@ class Queue:
         self.metrics.set("tgi_queue_size", 0)
         return drained
 
-    def free(self, entry: Entry) -> None:
+    def free(self, entry: Entry, cache: bool = True) -> None:
+        """Release the entry's blocks; ``cache=False`` when its prefill never ran (or failed), so
+        a prefix-caching allocator must not keep its prompt blocks as cached KV."""
         if entry.allocation is not None and self.allocator is not None:
-            self.allocator.free(entry.allocation)
+            self.allocator.free(entry.allocation, cache=cache)
             entry.allocation = None
             self._blocks_gauge()
 
@@ -142,13 +145,17 @@ class Queue:
                     break
             else:
                 tokens = req.input_length + req.stopping.max_new_tokens + self.speculate - 1
-                allocation = self.allocator.allocate(tokens)
+                allocation = self.allocator.allocate(tokens, req.input_ids)
                 if allocation is None:
                     self.entries.appendleft(entry)
                     break
+                if allocation.prefix_len >= req.input_length:
+                    # NOTE: queue.rs: the whole prompt matched; the shard must still run its last
+                    # token to get the next-token logits.
+                    allocation = replace(allocation, prefix_len=req.input_length - 1)
                 postfix_len = req.input_length - allocation.prefix_len
                 if prefill_tokens + postfix_len > prefill_token_budget:
-                    self.allocator.free(allocation)
+                    self.allocator.free(allocation, cache=False)
                     self.entries.appendleft(entry)
                     break
                 max_blocks = max(max_blocks, len(allocation.blocks))
@@ -162,7 +169,7 @@ class Queue:
             return None
         if min_size is not None and len(batch) < min_size:
             for entry in reversed(batch):
-                self.free(entry)
+                self.free(entry, cache=False)
                 self.entries.appendleft(entry)
             return None
 

@@ -47,6 +47,9 @@ class ValidRequest:
     parameters: ValidParameters
     stopping: ValidStopping
     adapter_id: str | None = None
+    # The router's token ids, for prefix caching; None when it must not reuse or cache the prompt
+    # (decoder_input_details, or a prompt the router had to truncate).
+    input_ids: tuple[int, ...] | None = None
 
 
 def _finite(value: float) -> float | None:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .allocator import BlockAllocator
+from .radix import RadixAllocator
 from .batch_queue import Entry, Queue
 from .client import ShardedClient
 from .entities import (
@@ -81,7 +82,7 @@ class Infer:
         client: ShardedClient,
         metrics: Metrics,
         max_concurrent_requests: int,
-        allocator: BlockAllocator | None,
+        allocator: BlockAllocator | RadixAllocator | None,
         speculate: int = 0,
     ) -> None:
         self.validator = validator

@@ -11,6 +11,7 @@ from aiohttp import web
 from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .allocator import BlockAllocator
+from .radix import RadixAllocator
 from .batch_queue import Queue
 from .client import ShardedClient
 from .errors import LauncherError
@@ -74,7 +75,7 @@ class Router:
     scheduler: Scheduler
     infer: Infer
     queue: Queue
-    allocator: BlockAllocator | None
+    allocator: BlockAllocator | RadixAllocator | None
     metrics: Metrics
     runners: list[web.AppRunner] = field(default_factory=list)
 
@@ -88,16 +89,19 @@ class Router:
         tokenizer: Tokenizer,
     ) -> Router:
         metrics = Metrics()
-        if info.use_prefix_caching:
-            log.warning(
-                "the shard reports prefix caching; this router allocates without prefix reuse"
-            )
         if info.support_chunking:
             log.warning("the shard supports chunked prefill; this router sends whole prompts")
         allocator = None
         if not info.requires_padding:
             window = info.window_size if info.HasField("window_size") else None
-            allocator = BlockAllocator(limits.max_batch_total_tokens, info.block_size, window)
+            if info.use_prefix_caching and window is None:
+                # block_allocator.rs: the shard reports prefix caching => the radix allocator
+                allocator = RadixAllocator(limits.max_batch_total_tokens, info.block_size)
+                log.info("Using the radix block allocator (prefix caching)")
+            else:
+                if info.use_prefix_caching:
+                    log.warning("prefix caching with a sliding window is not supported; no reuse")
+                allocator = BlockAllocator(limits.max_batch_total_tokens, info.block_size, window)
         queue = Queue(
             allocator=allocator,
             block_size=info.block_size,

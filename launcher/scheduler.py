@@ -204,15 +204,15 @@ class Scheduler:
             self.metrics.inc("tgi_request_failure", err="dropped")
             self._remove(entries, entry)
 
-    def _remove(self, entries: dict[int, Entry], entry: Entry) -> None:
+    def _remove(self, entries: dict[int, Entry], entry: Entry, cache: bool = True) -> None:
         entries.pop(entry.id, None)
-        self.queue.free(entry)
+        self.queue.free(entry, cache=cache)
 
     def _fail(self, entries: dict[int, Entry], error: InferError) -> None:
         for entry in list(entries.values()):
             self.metrics.inc("tgi_request_failure", err=error.error_type)
             entry.fail(error)
-            self._remove(entries, entry)
+            self._remove(entries, entry, cache=False)  # the shard may not have written its KV
 
     async def _filter(
         self, batch: pb.CachedBatch | None, entries: dict[int, Entry]

@@ -140,4 +140,10 @@ class Validator:
             ),
             stopping=ValidStopping(max_new_tokens=max_new_tokens, stop_sequences=tuple(p.stop)),
             adapter_id=p.adapter_id,
+            # NOTE: TGI's router sends no ids with decoder_input_details (no prefix reuse, so the
+            # shard computes every prompt logprob). Truncated prompts get none either: the shard
+            # truncates with its own tokenizer, and a key must be exactly the shard's ids.
+            input_ids=None
+            if p.decoder_input_details or len(ids) != input_length
+            else tuple(ids),
         )

@@ -3,7 +3,8 @@
 It follows backends/v3 (PROTOCOL.md b.1-b.3): ServiceDiscovery on the master socket only, then
 ClearCache, Info and Warmup on every listed shard; the router's warmup batch; the simple block
 allocator (block 0 reserved, ``input_length + max_new_tokens - 1`` slots per request, blocks
-freed when a request leaves); FilterBatch when the live set shrinks, ClearCache when it empties;
+freed when a request leaves) or, with ``prefix_caching=True``, the radix allocator (prompt token ids
+from the tokenizer, ``cache_len`` = reused prefix, minus 1 when the whole prompt matched); FilterBatch when the live set shrinks, ClearCache when it empties;
 the health probe Prefill on block 0. Calls to several shards run concurrently and their
 generations are concatenated, as the router's sharded client does.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tgi_npu_backend.launcher.allocator import BlockAllocator
+from tgi_npu_backend.launcher.radix import RadixAllocator
 from tgi_npu_backend.launcher.warmup import build_warmup_request
 from tgi_npu_backend.pb import generate_pb2 as pb
 from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
@@ -50,8 +52,10 @@ def text_input(text: str) -> pb.Input:
 
 
 class RouterSim:
-    def __init__(self, master_socket: str, tokenizer):
+    def __init__(self, master_socket: str, tokenizer, prefix_caching: bool = False):
         self.tokenizer = tokenizer
+        self.prefix_caching = prefix_caching
+        self.cache_lens: dict[int, int] = {}  # request id -> cache_len sent
         self.master_socket = master_socket
         self.pool = ThreadPoolExecutor(max_workers=8)
         self.next_request_id = 0
@@ -82,7 +86,10 @@ class RouterSim:
             assert self.max_total == max_total, "the shard must echo max_total_tokens"
         assert self.max_input < self.max_total <= self.max_supported
         assert self.max_input <= max_prefill
-        self.allocator = BlockAllocator(self.max_supported, self.info.block_size)
+        if self.prefix_caching:
+            self.allocator = RadixAllocator(self.max_supported, self.info.block_size)
+        else:
+            self.allocator = BlockAllocator(self.max_supported, self.info.block_size)
         return self.info
 
     @staticmethod
@@ -100,16 +107,21 @@ class RouterSim:
                              max_length=truncate)["input_ids"]
         rid = self.next_request_id
         self.next_request_id += 1
-        alloc = self.allocator.allocate(len(ids) + max_new_tokens - 1)
+        # queue.rs: no token ids (no prefix reuse) when prompt logprobs are asked for
+        prefill_ids = None if prefill_logprobs else list(ids)
+        alloc = self.allocator.allocate(len(ids) + max_new_tokens - 1, prefill_ids)
         assert alloc is not None, "KV pool exhausted in test"
         blocks, slots = list(alloc.blocks), list(alloc.slots)
         self.blocks[rid] = alloc
+        cache_len = min(alloc.prefix_len, len(ids) - 1)  # whole prompt matched: run its last token
+        self.cache_lens[rid] = cache_len
         return pb.Request(
             id=rid, inputs=text, input_chunks=text_input(text), truncate=truncate,
             parameters=params(**sampling), add_special_tokens=add_special_tokens,
             stopping_parameters=pb.StoppingCriteriaParameters(
                 max_new_tokens=max_new_tokens, stop_sequences=stop or [], ignore_eos_token=ignore_eos),
             prefill_logprobs=prefill_logprobs, top_n_tokens=top_n, blocks=blocks, slots=slots,
+            cache_len=cache_len,
         )
 
     def release(self, request_id: int) -> None:

@@ -27,7 +27,9 @@ LAUNCHER_ENV = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MAS
 def test_config_reads_launcher_env_as_hints():
     cfg = ServerConfig.from_cli(model_id="m", env=LAUNCHER_ENV, logger_level="WARN")
     assert (cfg.rank, cfg.world_size, cfg.master_port) == (0, 1, 29500)
-    assert (cfg.attention_hint, cfg.prefix_caching_hint) == ("flashinfer", "true")
+    assert (cfg.attention_hint, cfg.prefix_caching) == ("flashinfer", True)
+    for raw, on in (("1", True), ("TRUE", True), ("True", True), ("0", False), ("false", False), ("", False)):
+        assert ServerConfig.from_cli(model_id="m", env={"PREFIX_CACHING": raw}).prefix_caching is on
     assert cfg.hub_cache == "/tmp/hub" and cfg.watermark_gamma == 0.25 and cfg.watermark_delta == 1.5
     assert cfg.log_level == "WARNING"
     assert ServerConfig.from_cli(model_id="m", env={}, logger_level="OFF").log_level is None

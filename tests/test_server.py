@@ -26,7 +26,8 @@ MODELS = ["bloom_dir", "gemma_mqa_dir"]
 def shard(request):
     model_dir = request.getfixturevalue(request.param)
     uds = f"/tmp/tgi-test-{uuid.uuid4().hex[:8]}"
-    # The launcher's defaults for head_dim 64/128/256 models: hints the shard must not trust.
+    # The launcher's defaults for head_dim 64/128/256 models: the shard reports prefix caching
+    # (this RouterSim still allocates without reuse: cache_len = 0 is always valid).
     proc = start_shard(model_dir, uds, env={"ATTENTION": "flashinfer", "PREFIX_CACHING": "true"})
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     sim = RouterSim(f"{uds}-0", tokenizer)
@@ -78,7 +79,7 @@ def same(x, y, cancelled: bool = False):
 def test_info_and_discovery(shard: RouterSim):
     info = shard.info
     assert info.block_size >= 1 and not info.requires_padding
-    assert not info.support_chunking and not info.use_prefix_caching  # hints in env ignored
+    assert not info.support_chunking and info.use_prefix_caching  # PREFIX_CACHING=true
     assert info.dtype == "torch.float32" and info.device_type == "cpu"
     assert shard.urls == [f"unix://{shard.master_socket}"]  # every rank, rank 0 included
 

@@ -60,6 +60,11 @@ def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    # NOTE: TGI's launcher writes "true"/"1" (on) or "0"/"false" (off); anything else is off.
+    return env.get(name, "").strip().lower() in ("1", "true")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model_id: str
@@ -81,7 +86,9 @@ class ServerConfig:
     dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S
     # hints from the launcher: the router only uses what Info returns
     attention_hint: str | None = None
-    prefix_caching_hint: str | None = None
+    # PREFIX_CACHING from the launcher ("1"/"true" => on): Info.use_prefix_caching, which makes
+    # the router reuse KV blocks of shared prompt prefixes (Request.cache_len > 0)
+    prefix_caching: bool = False
     # model files
     hub_cache: str | None = None
     # generation
@@ -188,7 +195,7 @@ class ServerConfig:
             master_port=_env_int(env, "MASTER_PORT") or 29500,
             dist_timeout_s=dist_timeout,
             attention_hint=env.get("ATTENTION"),
-            prefix_caching_hint=env.get("PREFIX_CACHING"),
+            prefix_caching=_env_flag(env, "PREFIX_CACHING"),
             hub_cache=env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"),
             watermark_gamma=_env_float(env, "WATERMARK_GAMMA", 0.5),
             watermark_delta=_env_float(env, "WATERMARK_DELTA", 2.0),

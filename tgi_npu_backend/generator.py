@@ -51,6 +51,7 @@ class Generator:
         max_input_tokens: int | None = None,
         watermark_gamma: float = 0.5,
         watermark_delta: float = 2.0,
+        prefix_caching: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -67,6 +68,9 @@ class Generator:
         self.kv_cache_fraction = kv_cache_fraction
         self.max_input_tokens = max_input_tokens  # --max-input-tokens until Warmup decides
         self.watermark = (watermark_gamma, watermark_delta)
+        # Reported in Info; the router then sends cache_len > 0 for prompts whose block-aligned
+        # prefix is still in the KV pool (the pool persists, so nothing else changes here).
+        self.prefix_caching = prefix_caching
         self.runner = ModelRunner(model, device)
         self.kv_cache: KVCache | None = None
         self.cache: dict[int, Batch] = {}
@@ -80,7 +84,7 @@ class Generator:
             device_type=self.device.type,
             speculate=0,
             support_chunking=False,
-            use_prefix_caching=False,
+            use_prefix_caching=self.prefix_caching,
             attention_impl=f"paged-{self.backend.name}",
             block_size=self.block_size,
         )

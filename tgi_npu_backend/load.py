@@ -115,4 +115,5 @@ def build_generator(config: ServerConfig) -> Generator:
         max_input_tokens=config.max_input_tokens,
         watermark_gamma=config.watermark_gamma,
         watermark_delta=config.watermark_delta,
+        prefix_caching=config.prefix_caching,
     )

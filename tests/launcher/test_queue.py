@@ -84,3 +84,39 @@ def test_padded_model_budget_counts_padding():
     nb = q.next_batch(None, None, prefill_token_budget=60, token_budget=1000)
     # 2 x 30 = 60 fits; a third would be 3 x 30 = 90 prefill tokens
     assert len(nb.batch.requests) == 2 and not nb.batch.requests[0].slots
+
+
+def test_radix_queue_sends_cache_len_and_lowers_a_whole_prompt_match_by_one():
+    from dataclasses import replace
+
+    from tgi_npu_backend.launcher.radix import RadixAllocator
+
+    q = Queue(allocator=RadixAllocator(16 * 64, 16), block_size=16, speculate=0, metrics=Metrics())
+    system = list(range(1000, 1032))  # two full blocks
+
+    def entry(ids: list[int], details: bool = False) -> Entry:
+        r = replace(request(len(ids)), input_ids=None if details else tuple(ids),
+                    decoder_input_details=details)
+        e = Entry(request=r)
+        q.append(e)
+        return e
+
+    first = entry(system + [1, 2, 3])
+    nb = q.next_batch(None, None, 10_000, 10_000)
+    assert nb.batch.requests[0].cache_len == 0
+    first_blocks = list(first.allocation.blocks)
+    q.free(first)  # finished: its two prompt blocks are now cached
+    hit, repeat, details = entry(system + [4, 5]), entry(system), entry(system + [4, 5], True)
+    over = entry(system + [9])
+    nb = q.next_batch(None, None, prefill_token_budget=16, token_budget=10_000)
+    reqs = nb.batch.requests
+    # the prefill budget counts only uncached tokens: 2 + 1 fit in 16, the details request
+    # (no token ids: no reuse, 34 tokens) does not
+    assert [r.cache_len for r in reqs] == [32, 31] and nb.batch.max_tokens == 3
+    assert list(reqs[0].blocks[:2]) == list(reqs[1].blocks[:2]) == first_blocks[:2]
+    assert [e.id for e in q.entries] == [details.id, over.id]
+    for e in (hit, repeat):
+        q.free(e)
+    q.entries.clear()
+    alloc = q.allocator
+    assert alloc.free_blocks + alloc.cached_blocks == alloc.capacity
