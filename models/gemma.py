@@ -19,7 +19,7 @@ from tgi_npu_backend.models.layers.attention import PagedAttention
 from tgi_npu_backend.models.layers.embedding import VocabParallelEmbedding
 from tgi_npu_backend.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from tgi_npu_backend.models.layers.norm import GemmaRMSNorm
-from tgi_npu_backend.models.layers.rotary import RotaryEmbedding
+from tgi_npu_backend.models.layers.rotary import RotaryEmbedding, apply_rotary
 from tgi_npu_backend.weights import Weights
 
 
@@ -59,7 +59,6 @@ class GemmaAttention(nn.Module):
             dtype=dtype,
             device=device,
         )
-        self.rotary = RotaryEmbedding(d, cfg.rope_theta, device=device)
         self.attn = PagedAttention(
             layer_idx=layer_idx,
             num_heads=self.num_heads,
@@ -76,7 +75,7 @@ class GemmaAttention(nn.Module):
 
     def forward(
         self,
-        positions: Tensor,
+        rope: tuple[Tensor, Tensor],  # (cos, sin) [T, 1, D] of this pass's positions
         hidden: Tensor,
         kv_cache: tuple[Tensor, Tensor],
         meta: AttentionMetadata,
@@ -86,7 +85,7 @@ class GemmaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -145,12 +144,12 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: Tensor,
+        rope: tuple[Tensor, Tensor],
         hidden: Tensor,
         kv_cache: tuple[Tensor, Tensor],
         meta: AttentionMetadata,
     ) -> Tensor:  # [T, hidden]
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -175,6 +174,9 @@ class GemmaForCausalLM(CausalLM):
             for i in range(cfg.num_layers)
         )
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        # One rotary table for the whole model: cos/sin depend only on positions, so they are
+        # computed once per forward pass, not once per layer.
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, device=self.device)
         self.lm_head = self.make_lm_head(self.embed_tokens)
         # NOTE: the sqrt(hidden) embedding scale is rounded to the model dtype before the multiply
         # (HF: a float32 tensor cast to the weight dtype): sqrt(3072) = 55.4256 becomes 55.5 in
@@ -201,8 +203,9 @@ class GemmaForCausalLM(CausalLM):
         meta: AttentionMetadata,
     ) -> Tensor:
         hidden = self.embed_tokens(input_ids) * self.normalizer  # [T, hidden]
+        rope = self.rotary.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta)
+            hidden = layer(rope, hidden, kv_cache, meta)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

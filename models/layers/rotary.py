@@ -30,18 +30,15 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (rope_theta**exponent)  # [D/2] float32
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``positions`` ``[T]`` -> cos, sin ``[T, D]`` float32."""
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``positions`` ``[T]`` -> cos, sin ``[T, 1, D]`` in ``dtype``, computed once per forward
+        pass and shared by every layer. NOTE: computed in float32, then cast to the activation
+        dtype before use, as HF does."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos(), emb.sin()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, positions: Tensor, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """query ``[T, H, D]``, key ``[T, KVH, D]`` rotated by ``positions`` ``[T]``."""
-        cos, sin = self.cos_sin(positions)
-        # NOTE: cos/sin are cast to the activation dtype before use, as HF does.
-        cos = cos.to(query.dtype)[:, None, :]  # [T, 1, D]
-        sin = sin.to(query.dtype)[:, None, :]
-        query = query * cos + rotate_half(query) * sin
-        key = key * cos + rotate_half(key) * sin
-        return query, key
+
+def apply_rotary(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """query ``[T, H, D]``, key ``[T, KVH, D]`` rotated with ``RotaryEmbedding.cos_sin``'s output."""
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
