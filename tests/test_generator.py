@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from router_sim import RouterSim
 from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.config import ServerConfig
+from tgi_npu_backend.distributed import ParallelContext
 from tgi_npu_backend.load import build_generator
 from tgi_npu_backend.pb import generate_pb2 as pb
 
@@ -106,7 +107,7 @@ def test_each_generation_comes_from_exactly_one_rank(bloom_dir):
     reqs = [shard.sim.request(p, max_new_tokens=4) for p in PROMPTS]
     owners = {}
     for rank in (0, 1):
-        shard.gen.rank, shard.gen.world_size = rank, 2
+        shard.gen.parallel = ParallelContext(rank=rank, world_size=2)
         batch = pb.Batch(id=100 + rank, requests=reqs, size=len(reqs))
         step = shard.gen.prefill(batch)
         assert step.batch.request_ids == [r.id for r in reqs]  # every rank keeps every request

@@ -63,8 +63,6 @@ class Generator:
         self.eos_token_ids = eos_token_ids
         self.model_max_length = model_max_length
         self.parallel = parallel
-        self.rank = parallel.rank
-        self.world_size = parallel.world_size
         self.kv_cache_fraction = kv_cache_fraction
         self.max_input_tokens = max_input_tokens  # --max-input-tokens until Warmup decides
         self.watermark = (watermark_gamma, watermark_delta)
@@ -124,8 +122,8 @@ class Generator:
             num_slots=0 if warmup else self.kv_cache.num_slots,
             max_input_tokens=self.max_input_tokens,
             device=self.device,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=self.parallel.rank,
+            world_size=self.parallel.world_size,
             watermark_gamma=self.watermark[0],
             watermark_delta=self.watermark[1],
         )

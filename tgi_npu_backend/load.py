@@ -87,6 +87,9 @@ def build_generator(config: ServerConfig) -> Generator:
         recommend = getattr(backend, "recommended_block_size", None)
         block_size = recommend(model_config.head_dim) if recommend else DEFAULT_BLOCK_SIZE
     check_block_size(block_size)
+    if config.attention_hint:
+        # NOTE: the launcher computes ATTENTION for CUDA; Info tells the router what runs here.
+        logger.info(f"ATTENTION={config.attention_hint} from the launcher is a hint; using paged-{backend.name}")
     logger.info(
         f"loading {model_config.model_type} from {model_dir} on {device} as {dtype} "
         f"(rank {parallel.rank}/{parallel.world_size}, attention {backend.name}, block size {block_size})"
