@@ -1,0 +1,1 @@
+"""A CPU emulation of the torch_npu operators the NPU backend calls (placeholder, being written)."""
