@@ -64,6 +64,14 @@ class AttentionMetadata:
         return len(self.seq_lens_list)
 
     @property
+    def cu_seqlens_q_list(self) -> list[int]:
+        """Host copy of ``cu_seqlens_q``: token offset of each sequence in the pass, then T."""
+        cu = [0]
+        for q in self.query_lens_list:
+            cu.append(cu[-1] + q)
+        return cu
+
+    @property
     def has_prefix(self) -> bool:
         """True when some sequence attends to KV that this pass did not compute."""
         return any(c > 0 for c in self.context_lens_list)
@@ -90,13 +98,14 @@ class AttentionMetadata:
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
+        to_device = _host_to_device(device)
         return cls(
             is_prefill=is_prefill,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-            block_tables=table.to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            slot_mapping=to_device(torch.tensor(slot_mapping, dtype=torch.int64)),
+            block_tables=to_device(table),
+            seq_lens=to_device(torch.tensor(seq_lens, dtype=torch.int32)),
+            context_lens=to_device(torch.tensor(context_lens, dtype=torch.int32)),
+            cu_seqlens_q=to_device(torch.tensor(cu, dtype=torch.int32)),
             max_seqlen_q=max(query_lens, default=0),
             max_seqlen_k=max(seq_lens, default=0),
             block_size=block_size,
@@ -106,11 +115,23 @@ class AttentionMetadata:
         )
 
 
+def _host_to_device(device: torch.device):
+    """Host tensor -> ``device``. On an accelerator the copy goes from pinned memory and does not
+    block the host (the step's kernels queue behind it on the same stream); on CPU it is a no-op."""
+    if device.type == "cpu":
+        return lambda t: t
+    return lambda t: t.pin_memory().to(device, non_blocking=True)
+
+
 @runtime_checkable
 class AttentionBackend(Protocol):
     """Device attention kernels over a paged KV cache (see module docstring)."""
 
     name: str
+
+    def block_size_for(self, head_dim: int) -> int:
+        """The KV block size this backend serves best for ``head_dim`` (``--block-size`` wins)."""
+        ...
 
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
@@ -166,4 +187,24 @@ class AttentionBackend(Protocol):
         alibi_slopes: Tensor | None,
     ) -> Tensor:
         """One query per sequence ``[B, heads, head_dim]`` over its paged cache; returns the same shape."""
+        ...
+
+    # --- fused pointwise kernels next to attention (Gemma's RMSNorm and rotary) ----------------
+
+    def rms_norm(self, x: Tensor, gamma: Tensor, eps: float) -> Tensor:
+        """``x * rsqrt(mean(x^2) + eps) * gamma`` over the last dim, computed in float32 and cast to
+        ``x``'s dtype. ``gamma`` is float32 (Gemma passes ``1 + weight``)."""
+        ...
+
+    def add_rms_norm(
+        self, x: Tensor, residual: Tensor, gamma: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        """``s = x + residual`` (in ``x``'s dtype), then ``(rms_norm(s), s)``."""
+        ...
+
+    def rotary(
+        self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Neox ("rotate half") rotary: query ``[T, H, D]``, key ``[T, KVH, D]``, cos/sin
+        ``[T, 1, D]`` in the activation dtype; returns the rotated pair."""
         ...

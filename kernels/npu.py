@@ -1,39 +1,50 @@
-"""Ascend NPU attention through torch_npu's ATB operators; the only module that imports torch_npu.
+"""Ascend NPU kernels through torch_npu's ATB and aclnn operators; the only module that calls them.
 
-Which operator for which case (signatures and limits: shared/npu/NPU_NOTES.md 3.2-3.4, torch_npu
-2.13 ``op_plugin/atb/_atb_api_docs.py``; none of this was run on hardware):
+Contracts: torch-npu 2.13.0 (the ``npu`` extra's pin), ``op_plugin/atb/_atb_api_docs.py``,
+``_op_plugin_docs.py`` and ``AtbOpsInterface.h``; ``npu_emulation/`` registers the same schemas
+and validates the documented preconditions on CPU (``--device npu-emulated``). Which op for what:
 
-* store_kv: ``torch_npu._npu_reshape_and_cache`` (ND caches, int32 slots), as vllm-ascend v0.7.3.
-* decode: ``torch_npu._npu_paged_attention`` (BSND, no mask); with ALiBi
-  ``torch_npu.atb._npu_paged_attention_v2(mask_type=2)`` with one bias row per sequence and head.
-* prefill without a cached prefix: ``torch_npu._npu_flash_attention`` (causal mask); with ALiBi
-  ``torch_npu.atb._npu_flash_attention_v2(mask_type=2)`` with a ``[B, heads, S, S]`` bias+causal
-  mask. Both take the packed ``[T, heads, D]`` layout plus per-sequence lengths, like our protocol.
-  We prefer that to ``npu_prompt_flash_attention``/``npu_fused_infer_attention_score`` with
-  ``pse_shift``: those accept pse only in BSH/BNSD (not TND), so a ragged batch would have to be
-  padded; SelfAttention with MASK_TYPE_ALIBI is also what MindIE runs for BLOOM.
-* prefill with a cached prefix, and float32 caches (the ATB ops take fp16/bf16 only): the
-  reference math on NPU tensors. The fused prefix op ``_npu_flash_attention_prefix_v2`` needs the
-  prefix 128-aligned, block_size 128 and head_dim <= 128, which TGI's prefix cache cannot promise.
+* store_kv: ``_npu_reshape_and_cache`` (ND caches ``[blocks, block_size, kv_heads, D]``, int32
+  slots), as vllm-ascend.
+* decode: ``_npu_paged_attention`` (no mask); with ALiBi ``atb._npu_paged_attention_v2`` with
+  ``mask_type=2`` and one bias row per query and head, ``[num_tokens, heads, 1, max_len]``.
+* prefill without a cached prefix: ``_npu_flash_attention`` with a ``[S, S]`` causal mask; with
+  ALiBi ``atb._npu_flash_attention_v2`` (``mask_type=2``), whose mask is
+  ``[batch, heads, S, S]``. That mask is quadratic in the longest sequence *times the batch*, so
+  the batch is cut into runs of sequences whose mask stays within one longest-sequence mask (see
+  ``alibi_groups``); one long prompt with many short ones costs one ``[1, heads, S, S]`` mask,
+  not ``B`` of them.
+* prefill over a cached prefix (prefix caching): the paged decode ops again, one query row per
+  prompt token. Their contract (``_npu_paged_attention_v2`` docs) indexes ``block_table`` and
+  ``context_lens`` per query token, so token ``p`` of a sequence is a query over the sequence's
+  blocks with context ``p + 1``: exact causal attention over prefix + chunk, on fused ops.
+  ``atb._npu_flash_attention_prefix_v2`` would be faster for long chunks, but its contract needs
+  block_size 128, head_dim <= 128, a 128-aligned prefix and a *compressed* mask whose layout the
+  docs do not define; confirm it on a device before using it.
+* Gemma's RMSNorm: ``npu_rms_norm`` / ``npu_add_rms_norm``; rotary: ``npu_rotary_mul`` ('half').
 
-Cache layout is the reference one (ND, ``[blocks, block_size, kv_heads, D]``, A2/A3); 310P NZ
-caches are not supported. Negative (-1) slots are passed through to ``_npu_reshape_and_cache``
-unfiltered (its docs say nothing about them): the runner should not emit them on NPU.
+Anything the fused ops cannot take (float32 tensors) runs the inherited reference math; each such
+fallback is logged once and reported to the observer (the emulation counts them).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
+from loguru import logger
 from torch import Tensor
 
 from .base import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, AttentionMetadata
 from .reference import ReferenceBackend
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
+# Masked-out score in the masks we build. NOTE: op-plugin's own fp16 ALiBi golden uses -10000 and
+# the bf16 one -inf; a large finite value behaves like -inf after softmax and never makes NaN.
+_MASKED = {torch.float16: -10000.0, torch.bfloat16: float("-inf")}
 
 
 @functools.cache
@@ -41,10 +52,10 @@ def npu_available() -> bool:
     """True when torch_npu imports and sees a device.
 
     NOTE: with torch-npu installed but no CANN, ``import torch_npu`` raises ImportError
-    (libhccl.so) and, through the ``torch.backends`` autoload entry point, RuntimeError
-    (NPU_NOTES 3.1). We never set TORCH_DEVICE_BACKEND_AUTOLOAD: if autoload is on and broken,
-    ``import torch`` itself has already failed; if it is off, the explicit import below is the
-    only place torch_npu loads, and any failure means "no NPU".
+    (libhccl.so) and, through the ``torch.backends`` autoload entry point, RuntimeError. We never
+    set TORCH_DEVICE_BACKEND_AUTOLOAD: if autoload is on and broken, ``import torch`` itself has
+    already failed; if it is off, the explicit import below is the only place torch_npu loads,
+    and any failure means "no NPU".
     """
     if importlib.util.find_spec("torch_npu") is None:
         return False
@@ -69,6 +80,37 @@ def recommended_block_size(head_dim: int) -> int:
     return size
 
 
+def alibi_groups(seq_lens: list[int]) -> list[tuple[int, int]]:
+    """Cut a prefill batch into runs ``[start, stop)`` of sequences sharing one ALiBi mask.
+
+    A run of ``n`` sequences whose longest is ``s`` needs an ``[n, heads, s, s]`` mask; a run is
+    closed before ``n * s * s`` would exceed ``max(S_max ** 2, 4096)`` (S_max: the longest
+    sequence of the pass). So every mask is at most one longest-sequence mask, and the masks of a
+    step add up to at most ``S_max * total_tokens`` per head (each sequence contributes at most
+    ``S_max * len``), where ``[B, heads, S_max, S_max]`` was ``B * S_max ** 2``.
+    """
+    budget = max(max(seq_lens, default=0) ** 2, 4096)
+    groups: list[tuple[int, int]] = []
+    start, longest = 0, 0
+    for i, n in enumerate(seq_lens):
+        grown = max(longest, n)
+        if i > start and (i - start + 1) * grown * grown > budget:
+            groups.append((start, i))
+            start, grown = i, n
+        longest = grown
+    if seq_lens:
+        groups.append((start, len(seq_lens)))
+    return groups
+
+
+class NpuObserver(Protocol):
+    """What the backend reports besides its results (the emulation implements it)."""
+
+    def record_fallback(self, op: str, reason: str) -> None: ...
+
+    def record_mask(self, name: str, tensor: Tensor) -> None: ...
+
+
 def _torch_npu() -> Any:
     import torch_npu
 
@@ -76,18 +118,26 @@ def _torch_npu() -> Any:
 
 
 class NpuBackend(ReferenceBackend):
-    """torch_npu kernels; falls back to the inherited reference math where no op fits."""
+    """torch_npu kernels; falls back to the inherited reference math only where no op fits."""
 
     name = "npu"
 
-    def __init__(self) -> None:
-        # Masks and host lengths are the same for every layer of a step: build them once per
-        # AttentionMetadata (held by reference, so ``is`` identifies the step). NOTE: ALiBi masks
-        # are keyed by dtype and head count only: slopes depend only on the head index, so every
-        # layer of one model passes equal slopes (often distinct tensors; comparing them would
-        # cost a device sync per layer). One NpuBackend serves one model.
+    def __init__(self, observer: NpuObserver | None = None) -> None:
+        self.observer = observer
+        self._fallbacks_logged: set[str] = set()
+        # Per-step inputs (masks, host lengths, int32 slots) are the same for every layer of a
+        # step: built once per AttentionMetadata (held by reference, so ``is`` identifies the
+        # step). NOTE: ALiBi masks are keyed by dtype and head count only: slopes depend only on
+        # the head index, so every layer of one model passes equal slopes.
         self._step_meta: AttentionMetadata | None = None
-        self._step_cache: dict[tuple, Tensor] = {}
+        self._step_cache: dict[tuple, Any] = {}
+        # Causal masks depend only on (length, dtype): kept across steps.
+        self._causal_masks: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def block_size_for(self, head_dim: int) -> int:
+        return recommended_block_size(head_dim)
+
+    # --- KV cache -------------------------------------------------------------------------------
 
     def store_kv(
         self,
@@ -98,11 +148,14 @@ class NpuBackend(ReferenceBackend):
         meta: AttentionMetadata,
     ) -> None:
         if key_cache.dtype not in _FUSED_DTYPES:
+            self._fallback("store_kv", f"{key_cache.dtype} KV cache (ATB takes fp16/bf16)")
             return super().store_kv(key, value, key_cache, value_cache, meta)
         slots = self._cached(meta, ("slots",), lambda: meta.slot_mapping.to(torch.int32))
         _torch_npu()._npu_reshape_and_cache(
             key.contiguous(), value.contiguous(), key_cache, value_cache, slots
         )
+
+    # --- attention ------------------------------------------------------------------------------
 
     def prefill(
         self,
@@ -115,10 +168,13 @@ class NpuBackend(ReferenceBackend):
         scale: float,
         alibi_slopes: Tensor | None,
     ) -> Tensor:
-        if meta.has_prefix or query.dtype not in _FUSED_DTYPES:
+        if query.dtype not in _FUSED_DTYPES:
+            self._fallback("prefill", f"{query.dtype} activations (ATB takes fp16/bf16)")
             return super().prefill(
                 query, key, value, key_cache, value_cache, meta, scale, alibi_slopes
             )
+        if meta.has_prefix:
+            return self._paged_per_token(query, key_cache, value_cache, meta, scale, alibi_slopes)
         torch_npu = _torch_npu()
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         heads, kv_heads = query.shape[1], key.shape[1]
@@ -128,27 +184,33 @@ class NpuBackend(ReferenceBackend):
                 query=query,
                 key=key,
                 value=value,
-                mask=self._causal_mask(meta, query.dtype, query.device),
+                mask=self._causal_mask(meta.max_seqlen_k, query.dtype, query.device),
                 seq_len=self._host_lens(meta),
                 scale_value=scale,
                 num_heads=heads,
                 num_kv_heads=kv_heads,
                 out=out,
             )
-        else:
-            # kernel_type=0 + mask_type=2: the configuration of op-plugin's own bf16 ALiBi test.
+            return out
+        cu = meta.cu_seqlens_q_list
+        for start, stop in alibi_groups(meta.seq_lens_list):
+            rows = slice(cu[start], cu[stop])
+            lens = meta.seq_lens_list[start:stop]
+            # kernel_type=0 + mask_type=2: the configuration of op-plugin's own ALiBi test.
             torch_npu.atb._npu_flash_attention_v2(
-                query,
-                key,
-                value,
-                meta.seq_lens_list,
-                mask=self._prefill_alibi_mask(meta, alibi_slopes, query.dtype, query.device),
+                query[rows],
+                key[rows],
+                value[rows],
+                lens,
+                mask=self._prefill_alibi_mask(
+                    meta, len(lens), max(lens), alibi_slopes, query.dtype, query.device
+                ),
                 kernel_type=0,
                 mask_type=2,
                 scale_value=scale,
                 num_heads=heads,
                 num_kv_heads=kv_heads,
-                out=out,
+                out=out[rows],
             )
         return out
 
@@ -162,10 +224,25 @@ class NpuBackend(ReferenceBackend):
         alibi_slopes: Tensor | None,
     ) -> Tensor:
         if query.dtype not in _FUSED_DTYPES:
+            self._fallback("decode", f"{query.dtype} activations (ATB takes fp16/bf16)")
             return super().decode(query, key_cache, value_cache, meta, scale, alibi_slopes)
+        return self._paged_per_token(query, key_cache, value_cache, meta, scale, alibi_slopes)
+
+    def _paged_per_token(
+        self,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        alibi_slopes: Tensor | None,
+    ) -> Tensor:
+        """Paged attention with one query row per token: decode (one token per sequence) and
+        prefill over a cached prefix (every token of the chunk, each with its own context)."""
         torch_npu = _torch_npu()
         query = query.contiguous()
         heads, kv_heads = query.shape[1], key_cache.shape[2]
+        table, lens, lens_list = self._token_tables(meta)
         out = torch.empty_like(query)
         if alibi_slopes is None:
             torch_npu._npu_paged_attention(
@@ -175,18 +252,18 @@ class NpuBackend(ReferenceBackend):
                 num_kv_heads=kv_heads,
                 num_heads=heads,
                 scale_value=scale,
-                block_table=meta.block_tables,
-                context_lens=self._host_lens(meta),
+                block_table=table,
+                context_lens=lens,
                 out=out,
             )
         else:
             torch_npu.atb._npu_paged_attention_v2(
                 query,
                 key_cache,
-                meta.block_tables,
-                meta.seq_lens_list,
+                table,
+                lens_list,
                 value_cache=value_cache,
-                mask=self._decode_alibi_mask(meta, alibi_slopes, query.dtype, query.device),
+                mask=self._paged_alibi_mask(meta, lens_list, alibi_slopes, query.dtype, query.device),
                 num_kv_heads=kv_heads,
                 num_heads=heads,
                 scale_value=scale,
@@ -195,14 +272,65 @@ class NpuBackend(ReferenceBackend):
             )
         return out
 
-    # --- per-step inputs -------------------------------------------------------------------
+    # --- Gemma's pointwise kernels --------------------------------------------------------------
 
-    def _cached(self, meta: AttentionMetadata, key: tuple, build: Any) -> Tensor:
+    def rms_norm(self, x: Tensor, gamma: Tensor, eps: float) -> Tensor:
+        if x.dtype not in _FUSED_DTYPES:
+            self._fallback("rms_norm", f"{x.dtype} activations")
+            return super().rms_norm(x, gamma, eps)
+        return _torch_npu().npu_rms_norm(x, self._gamma(gamma, x.dtype), epsilon=eps)[0]
+
+    def add_rms_norm(
+        self, x: Tensor, residual: Tensor, gamma: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        if x.dtype not in _FUSED_DTYPES:
+            self._fallback("add_rms_norm", f"{x.dtype} activations")
+            return super().add_rms_norm(x, residual, gamma, eps)
+        y, _rstd, s = _torch_npu().npu_add_rms_norm(
+            x, residual, self._gamma(gamma, x.dtype), epsilon=eps
+        )
+        return y, s
+
+    def rotary(
+        self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if query.dtype not in _FUSED_DTYPES:
+            self._fallback("rotary", f"{query.dtype} activations")
+            return super().rotary(query, key, cos, sin)
+        torch_npu = _torch_npu()
+        # npu_rotary_mul takes 4-D input; [T, H, D] -> [T, 1, H, D] (BSND with S = 1) and
+        # cos/sin [T, 1, D] -> [T, 1, 1, D], broadcast over heads.
+        r1, r2 = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = torch_npu.npu_rotary_mul(query.unsqueeze(1).contiguous(), r1, r2, rotary_mode="half")
+        k = torch_npu.npu_rotary_mul(key.unsqueeze(1).contiguous(), r1, r2, rotary_mode="half")
+        return q.squeeze(1), k.squeeze(1)
+
+    # --- per-step inputs ------------------------------------------------------------------------
+
+    def _fallback(self, op: str, reason: str) -> None:
+        if self.observer is not None:
+            self.observer.record_fallback(op, reason)
+        if op not in self._fallbacks_logged:
+            self._fallbacks_logged.add(op)
+            logger.warning(f"NPU backend: {op} runs the reference (non-fused) path: {reason}")
+
+    def _observe_mask(self, name: str, mask: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.record_mask(name, mask)
+        return mask
+
+    def _cached(self, meta: AttentionMetadata, key: tuple, build: Callable[[], Any]) -> Any:
         if meta is not self._step_meta:
             self._step_meta, self._step_cache = meta, {}
         if key not in self._step_cache:
             self._step_cache[key] = build()
         return self._step_cache[key]
+
+    @staticmethod
+    def _gamma(gamma: Tensor, dtype: torch.dtype) -> Tensor:
+        # NOTE: npu_rms_norm computes in float32 internally but takes gamma in the input's dtype:
+        # (1 + w) is rounded once to fp16/bf16 (HF multiplies in float32; within half precision).
+        return gamma.to(dtype)
 
     def _host_lens(self, meta: AttentionMetadata) -> Tensor:
         # NOTE: the ATB ops read lengths on the host (vllm-ascend passes a CPU int32 tensor).
@@ -210,67 +338,95 @@ class NpuBackend(ReferenceBackend):
             meta, ("lens",), lambda: torch.tensor(meta.seq_lens_list, dtype=torch.int32)
         )
 
-    def _causal_mask(
-        self, meta: AttentionMetadata, dtype: torch.dtype, device: torch.device
-    ) -> Tensor:
+    def _token_tables(self, meta: AttentionMetadata) -> tuple[Tensor, Tensor, list[int]]:
+        """Per query token: its sequence's block-table row, and its context length (host)."""
+
+        def build() -> tuple[Tensor, Tensor, list[int]]:
+            if not meta.has_prefix and not meta.is_prefill:
+                lens_list = list(meta.seq_lens_list)  # decode: one token per sequence
+                table = meta.block_tables
+            else:
+                lens_list, owners = [], []
+                for i, (ctx, q) in enumerate(zip(meta.context_lens_list, meta.query_lens_list)):
+                    lens_list += range(ctx + 1, ctx + q + 1)
+                    owners += [i] * q
+                index = torch.tensor(owners, dtype=torch.int64).to(meta.block_tables.device)
+                table = meta.block_tables.index_select(0, index)
+            return table, torch.tensor(lens_list, dtype=torch.int32), lens_list
+
+        return self._cached(meta, ("token_tables",), build)
+
+    def _causal_mask(self, s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``[S, S]`` mask for ``_npu_flash_attention``, S = longest sequence of the pass.
 
-        NOTE: value convention from vllm-ascend (v0.7.3 attention_mask.py): fp16 masks hold
-        float32-min (-inf once cast) above the diagonal, bf16 masks hold 1 there.
+        NOTE: value convention from vllm-ascend (attention_mask.py): fp16 masks hold float32-min
+        (-inf once cast) above the diagonal, bf16 masks hold 1 there (the kernel treats a bf16
+        mask as a boolean). Kept across steps: it depends only on S and the dtype.
         """
-
-        def build() -> Tensor:
-            s = meta.max_seqlen_k
+        key = (s, dtype)
+        if key not in self._causal_masks:
+            if len(self._causal_masks) > 32:
+                self._causal_masks.clear()
             upper = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
             fill = torch.finfo(torch.float32).min if dtype == torch.float16 else 1.0
-            return torch.zeros(s, s, device=device).masked_fill(upper, fill).to(dtype)
-
-        return self._cached(meta, ("causal", dtype), build)
+            mask = torch.zeros(s, s, device=device).masked_fill(upper, fill).to(dtype)
+            self._causal_masks[key] = self._observe_mask("causal", mask)
+        return self._causal_masks[key]
 
     def _prefill_alibi_mask(
-        self, meta: AttentionMetadata, slopes: Tensor, dtype: torch.dtype, device: torch.device
+        self,
+        meta: AttentionMetadata,
+        n: int,
+        s: int,
+        slopes: Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Tensor:
-        """``[B, heads, S, S]`` = slope * (j - i), plus a large negative value above the diagonal.
+        """``[n, heads, s, s]`` = slope * (j - i), masked above the diagonal.
 
-        The kernel reads ``mask[b, :, :len_b, :len_b]`` and adds it to the scaled scores (golden of
-        op-plugin's ``test_flash_attention_case_fa_encoder_nocache_bf16_alibi``). Without a prefix
-        every sequence starts at position 0, so all B slices are equal; the op documents only the
-        4-D ALiBi shape, hence the copy (memory B * heads * S^2 * 2 bytes).
-        NOTE: masked value from the same test: -inf for bf16, -10000 for fp16.
+        The kernel reads ``mask[b, :, :len_b, :len_b]`` and adds it to the scaled scores (golden
+        of op-plugin's ``test_flash_attention_case_fa_encoder_nocache_bf16_alibi``). Without a
+        prefix every sequence starts at position 0, so the ``n`` slices are equal; the op
+        documents only this 4-D shape for ALiBi, hence the copy. ``alibi_groups`` bounds ``n*s*s``.
         """
 
         def build() -> Tensor:
-            s = meta.max_seqlen_k
             pos = torch.arange(s, device=device, dtype=torch.float32)
             bias = (
                 slopes.to(device, torch.float32)[:, None, None]
                 * (pos[None, :] - pos[:, None])[None]
             )
-            masked = float("-inf") if dtype == torch.bfloat16 else -10000.0
             upper = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
-            bias = bias.masked_fill(upper, masked).to(dtype)
-            return bias[None].expand(meta.num_seqs, -1, -1, -1).contiguous()
+            bias = bias.masked_fill(upper, _MASKED[dtype]).to(dtype)
+            return self._observe_mask(
+                "alibi_prefill", bias[None].expand(n, -1, -1, -1).contiguous()
+            )
 
-        return self._cached(meta, ("alibi_prefill", dtype, slopes.shape[0]), build)
+        return self._cached(meta, ("alibi_prefill", dtype, slopes.shape[0], n, s), build)
 
-    def _decode_alibi_mask(
-        self, meta: AttentionMetadata, slopes: Tensor, dtype: torch.dtype, device: torch.device
+    def _paged_alibi_mask(
+        self,
+        meta: AttentionMetadata,
+        lens: list[int],
+        slopes: Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> Tensor:
-        """``[B, heads, 1, L]`` with row ``slope * (j - (len_b - 1))``, L = longest sequence.
+        """``[num_tokens, heads, 1, L]``: row ``slope * (j - (len_t - 1))`` for a query at position
+        ``len_t - 1``; L = the longest context.
 
-        The true decode bias is ``slope * (j - (len_b - 1))``; MindIE passes one shared row
-        ``[heads, 1, L]`` = ``slope * (j - (L - 1))``, equal up to a per-row constant, which softmax
-        ignores. We use the also-documented per-sequence form so that the keys that matter (near
-        the query) get biases near 0: in bf16 a shared row would store e.g. -500 + small for a
-        sequence 1000 tokens shorter, where the bf16 step is 2. Entries ``j >= len_b`` are never
-        read (the op stops at ``context_lens``).
+        MindIE passes one shared row ``slope * (j - (L - 1))``, equal up to a per-row constant,
+        which softmax ignores. We use the also-documented per-query form so that the keys that
+        matter (near the query) get biases near 0: in bf16 a shared row would store e.g. -500 +
+        small for a sequence 1000 tokens shorter, where the bf16 step is 2. Entries
+        ``j >= len_t`` are never read (the op stops at ``context_lens``).
         """
 
         def build() -> Tensor:
-            pos = torch.arange(meta.max_seqlen_k, device=device, dtype=torch.float32)
-            last = torch.tensor(meta.seq_lens_list, device=device, dtype=torch.float32) - 1
-            rel = pos[None, :] - last[:, None]  # [B, L]
-            row = slopes.to(device, torch.float32)[None, :, None] * rel[:, None, :]  # [B, heads, L]
-            return row[:, :, None, :].to(dtype).contiguous()
+            pos = torch.arange(max(lens), device=device, dtype=torch.float32)
+            last = torch.tensor(lens, dtype=torch.float32).to(device) - 1
+            rel = pos[None, :] - last[:, None]  # [T, L]
+            row = slopes.to(device, torch.float32)[None, :, None] * rel[:, None, :]  # [T, H, L]
+            return self._observe_mask("alibi_paged", row[:, :, None, :].to(dtype).contiguous())
 
-        return self._cached(meta, ("alibi_decode", dtype, slopes.shape[0]), build)
+        return self._cached(meta, ("alibi_paged", dtype, slopes.shape[0]), build)

@@ -50,10 +50,35 @@ def attend(
     return out.reshape(b, nq, heads, d).to(q.dtype)
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 class ReferenceBackend:
     """The attention protocol (``kernels/base.py``) in plain PyTorch."""
 
     name = "reference"
+    DEFAULT_BLOCK_SIZE = 16  # small blocks waste little of the pool on CPU
+
+    def block_size_for(self, head_dim: int) -> int:
+        return self.DEFAULT_BLOCK_SIZE
+
+    def rms_norm(self, x: Tensor, gamma: Tensor, eps: float) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (out * gamma.float()).to(x.dtype)
+
+    def add_rms_norm(
+        self, x: Tensor, residual: Tensor, gamma: Tensor, eps: float
+    ) -> tuple[Tensor, Tensor]:
+        s = x + residual
+        return self.rms_norm(s, gamma, eps), s
+
+    def rotary(
+        self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int

@@ -19,7 +19,7 @@ from tgi_npu_backend.models.layers.attention import PagedAttention
 from tgi_npu_backend.models.layers.embedding import VocabParallelEmbedding
 from tgi_npu_backend.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from tgi_npu_backend.models.layers.norm import GemmaRMSNorm
-from tgi_npu_backend.models.layers.rotary import RotaryEmbedding, apply_rotary
+from tgi_npu_backend.models.layers.rotary import RotaryEmbedding
 from tgi_npu_backend.weights import Weights
 
 
@@ -85,7 +85,7 @@ class GemmaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = self.attn.backend.rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -131,9 +131,11 @@ class GemmaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
-        self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, backend=backend, **kw)
         self.self_attn = GemmaAttention(cfg, layer_idx, backend=backend, parallel=parallel, **kw)
-        self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        self.post_attention_layernorm = GemmaRMSNorm(
+            cfg.hidden_size, cfg.norm_eps, backend=backend, **kw
+        )
         self.mlp = GemmaMLP(cfg, parallel=parallel, **kw)
 
     def load(self, weights: Weights, prefix: str) -> None:
@@ -149,8 +151,9 @@ class GemmaDecoderLayer(nn.Module):
         kv_cache: tuple[Tensor, Tensor],
         meta: AttentionMetadata,
     ) -> Tensor:  # [T, hidden]
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn = self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta)
+        normed, hidden = self.post_attention_layernorm.add_forward(attn, hidden)
+        return hidden + self.mlp(normed)
 
 
 class GemmaForCausalLM(CausalLM):
@@ -173,7 +176,7 @@ class GemmaForCausalLM(CausalLM):
             GemmaDecoderLayer(cfg, i, backend=backend, parallel=parallel, **kw)
             for i in range(cfg.num_layers)
         )
-        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, backend=backend, **kw)
         # One rotary table for the whole model: cos/sin depend only on positions, so they are
         # computed once per forward pass, not once per layer.
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, device=self.device)

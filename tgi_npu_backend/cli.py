@@ -71,7 +71,12 @@ def main() -> None:
 @click.option("--otlp-endpoint", default=None, help="OTLP/gRPC collector for traces (one span per RPC).")
 @click.option("--otlp-service-name", default="text-generation-inference.server")
 @click.option("--max-input-tokens", type=int, default=None)
-@click.option("--device", default="auto", help="auto | cpu | npu (env TGI_NPU_DEVICE).")
+@click.option(
+    "--device",
+    default="auto",
+    help="auto | cpu | npu | npu-emulated (env TGI_NPU_DEVICE). npu-emulated is a verification "
+    "mode: the NPU code path on CPU through the torch_npu emulation (knobs: TGI_NPU_EMULATION).",
+)
 @click.option("--block-size", type=int, default=None, help="KV block size (multiple of 16, <= 128). Env: TGI_NPU_BLOCK_SIZE.")
 @click.option("--kv-cache-fraction", type=float, default=None, help=KV_FRACTION_HELP)
 @click.option("--dist-timeout", type=float, default=None, help=DIST_TIMEOUT_HELP)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
-DEVICES = ("auto", "cpu", "npu")
+DEVICES = ("auto", "cpu", "npu", "npu-emulated")
 
 # tracing level names the TGI launcher may pass -> loguru level names (None = logging off)
 LOG_LEVELS: dict[str, str | None] = {
@@ -96,6 +96,8 @@ class ServerConfig:
     watermark_delta: float = 2.0
     # backend tuning (ours; the stock launcher passes none of these)
     device: str = "auto"
+    # npu-emulated only: the emulation's knobs (TGI_NPU_EMULATION, e.g. "soc=910B,mem_free=4GiB")
+    emulation: str | None = None
     block_size: int | None = None  # None: the attention backend's recommendation
     kv_cache_fraction: float | None = None  # None: per-device default (see --help)
 
@@ -145,6 +147,8 @@ class ServerConfig:
             )
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
             raise _flag_error("--dtype", dtype, f"use one of {', '.join(SUPPORTED_DTYPES)}")
+        if device == "auto":
+            device = env.get("TGI_NPU_DEVICE") or device
         if device not in DEVICES:
             raise _flag_error("--device", device, f"use one of {', '.join(DEVICES)}")
         if max_input_tokens is not None and max_input_tokens < 1:
@@ -199,7 +203,8 @@ class ServerConfig:
             hub_cache=env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"),
             watermark_gamma=_env_float(env, "WATERMARK_GAMMA", 0.5),
             watermark_delta=_env_float(env, "WATERMARK_DELTA", 2.0),
-            device=env.get("TGI_NPU_DEVICE", device) if device == "auto" else device,
+            device=device,
+            emulation=env.get("TGI_NPU_EMULATION"),
             block_size=block_size,
             kv_cache_fraction=kv_cache_fraction,
         )

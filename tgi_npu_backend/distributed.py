@@ -194,7 +194,7 @@ def init_parallel(
     """
     if world_size <= 1:
         return ParallelContext()
-    backend = DIST_BACKENDS.get(device_type, "gloo")
+    backend = DIST_BACKENDS.get(device_type, device_type)  # a device type, or a backend name
     if not dist.is_initialized():
         try:
             dist.init_process_group(

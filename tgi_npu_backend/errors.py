@@ -26,9 +26,19 @@ class FatalError(RuntimeError):
     """The shard's state is unusable (device lost, KV pool corrupt): shut down."""
 
 
+def is_device_oom(err: BaseException) -> bool:
+    """Device out-of-memory in either form: ``torch.OutOfMemoryError`` (CUDA, newer torch_npu) or
+    the plain ``RuntimeError("NPU out of memory. Tried to allocate ...")`` torch_npu raises from its
+    caching allocator."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
 def grpc_status(err: BaseException) -> tuple[grpc.StatusCode, bool]:
-    """(status code, fatal?) for an exception raised by a handler."""
-    if isinstance(err, FatalError) or isinstance(err, torch.OutOfMemoryError):
+    """(status code, fatal?) for an exception raised by a handler. Device OOM is fatal, as in
+    TGI's server (its interceptor exits on RuntimeError): the launcher restarts the set."""
+    if isinstance(err, FatalError) or is_device_oom(err):
         return grpc.StatusCode.INTERNAL, True
     if isinstance(err, BatchNotFoundError):
         return grpc.StatusCode.NOT_FOUND, False

@@ -22,7 +22,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 from . import device as devices
 from .batch import Batch, BatchContext
 from .distributed import ParallelContext
-from .errors import BatchNotFoundError, InvalidRequestError
+from .errors import BatchNotFoundError, InvalidRequestError, is_device_oom
 from .kv_cache import KVCache, KVCacheSpec
 from .model_runner import ModelRunner
 from .outputs import GeneratedText, Generation, StepOutput, Tokens
@@ -42,6 +42,7 @@ class Generator:
         backend,
         device: torch.device,
         dtype: torch.dtype,
+        platform: devices.Platform | None = None,
         block_size: int,
         kv_spec: KVCacheSpec,
         eos_token_ids: frozenset[int],
@@ -58,6 +59,7 @@ class Generator:
         self.backend = backend
         self.device = device
         self.dtype = dtype
+        self.platform = platform or devices.Platform(device.type, device)
         self.block_size = block_size
         self.kv_spec = kv_spec
         self.eos_token_ids = eos_token_ids
@@ -79,7 +81,7 @@ class Generator:
         return pb.InfoResponse(
             requires_padding=False,
             dtype=str(self.dtype),
-            device_type=self.device.type,
+            device_type=self.platform.name,
             speculate=0,
             support_chunking=False,
             use_prefix_caching=self.prefix_caching,
@@ -167,7 +169,7 @@ class Generator:
         """Run the router's warmup batch on a temporary cache, then size the persistent KV pool."""
         self.cache.clear()
         self.kv_cache = None  # a repeated Warmup (router restart) re-sizes the pool
-        devices.empty_cache(self.device)
+        self.platform.empty_cache()
         batch = Batch.from_pb(batch_pb, self._context(warmup=True), warmup=True)
         temp_blocks = max(b for r in batch.requests for b in r.blocks) + 1
         temp = KVCache(self.kv_spec, temp_blocks, self.backend, self.device)
@@ -176,16 +178,18 @@ class Generator:
             _, next_batch, _, _ = self.generate_token(batch, temp)  # prefill: the memory peak
             if next_batch is not None:
                 self.generate_token(next_batch, temp)  # one decode step compiles decode kernels
-            devices.synchronize(self.device)
-        except torch.OutOfMemoryError as err:
+            self.platform.synchronize()
+        except RuntimeError as err:  # torch.OutOfMemoryError, or torch_npu's RuntimeError form
+            if not is_device_oom(err):
+                raise
             raise torch.OutOfMemoryError(
                 f"Not enough memory to handle {n_tokens} prefill tokens. "
                 "You need to decrease `--max-batch-prefill-tokens`"
             ) from err
         del temp, batch
-        devices.empty_cache(self.device)
+        self.platform.empty_cache()
 
-        num_blocks = self.kv_spec.blocks_for(devices.kv_cache_budget(self.device, self.kv_cache_fraction))
+        num_blocks = self.kv_spec.blocks_for(self.platform.kv_cache_budget(self.kv_cache_fraction))
         # NOTE: free memory differs between ranks; all must report (and allocate) one capacity,
         # and every other choice below is derived from it and from identical flags.
         num_blocks = self.parallel.all_reduce_min(num_blocks, self.device)

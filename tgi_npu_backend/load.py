@@ -8,7 +8,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from tgi_npu_backend.kernels import check_block_size, get_backend
+from tgi_npu_backend.kernels import AttentionBackend, check_block_size, get_backend
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.registry import load_model, read_model_config
 
@@ -18,9 +18,6 @@ from .distributed import abort_process, init_parallel
 from .generator import Generator
 from .hub import resolve_model_dir
 from .kv_cache import KVCacheSpec
-
-DEFAULT_BLOCK_SIZE = 16  # CPU; the NPU backend recommends its own (128, or 64 for head_dim 256)
-
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
@@ -66,32 +63,51 @@ def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
     cfg.kv_heads_per_rank(world_size)  # KV heads: split evenly, or replicated (world % kv == 0)
 
 
+def backend_for(platform: devices.Platform) -> AttentionBackend:
+    """The attention backend for ``platform``; the emulated NPU reports fallbacks and mask sizes
+    to the emulation's counters."""
+    if platform.kind == "npu":
+        from tgi_npu_backend.kernels.npu import NpuBackend
+
+        observer = None
+        if platform.emulated:
+            from tgi_npu_backend.npu_emulation import state
+
+            observer = state()
+        return NpuBackend(observer=observer)
+    return get_backend(platform.device)
+
+
 def build_generator(config: ServerConfig) -> Generator:
     model_dir = resolve_model_dir(config.model_id, config.revision, config.hub_cache)
     model_config = read_model_config(model_dir)  # refuses unsupported architectures early
     check_tensor_parallel(model_config, config.world_size)
-    device = devices.select_device(config.device, config.rank)
-    dtype = devices.select_dtype(config.dtype, device, model_config.torch_dtype)
+    platform = devices.select_platform(config.device, config.rank, config.emulation)
+    device = platform.device
+    dtype = devices.select_dtype(config.dtype, platform, model_config.torch_dtype)
+    # NOTE: bind the NPU before HCCL and before any allocation (vllm-ascend's worker does the
+    # same), then fail on an unsupported SoC or a missing NNAL before the socket appears.
+    platform.set_device()
+    devices.check_npu_startup(platform, dtype)
     parallel = init_parallel(
         config.rank,
         config.world_size,
         config.master_addr,
         config.master_port,
-        device.type,
+        platform.dist_backend,
         timeout_s=config.dist_timeout_s,
         on_peer_lost=partial(abort_process, remove=[config.socket_path]),
     )
-    backend = get_backend(device)
+    backend = backend_for(platform)
     block_size = config.block_size
     if block_size is None:
-        recommend = getattr(backend, "recommended_block_size", None)
-        block_size = recommend(model_config.head_dim) if recommend else DEFAULT_BLOCK_SIZE
+        block_size = backend.block_size_for(model_config.head_dim)
     check_block_size(block_size)
     if config.attention_hint:
         # NOTE: the launcher computes ATTENTION for CUDA; Info tells the router what runs here.
         logger.info(f"ATTENTION={config.attention_hint} from the launcher is a hint; using paged-{backend.name}")
     logger.info(
-        f"loading {model_config.model_type} from {model_dir} on {device} as {dtype} "
+        f"loading {model_config.model_type} from {model_dir} on {platform.name} ({device}) as {dtype} "
         f"(rank {parallel.rank}/{parallel.world_size}, attention {backend.name}, block size {block_size})"
     )
     model = load_model(model_dir, dtype=dtype, device=device, backend=backend, parallel=parallel)
@@ -109,6 +125,7 @@ def build_generator(config: ServerConfig) -> Generator:
         backend=backend,
         device=device,
         dtype=dtype,
+        platform=platform,
         block_size=block_size,
         kv_spec=kv_spec,
         eos_token_ids=eos_token_ids(model_dir, model_config.eos_token_ids, tokenizer),

@@ -2,18 +2,14 @@
 
 cos/sin are computed in float32 from each token's absolute position, so a ragged batch of
 prompts, decode steps at different lengths and late-joining sequences all rotate correctly:
-nothing here assumes positions start at 0 or are contiguous.
+nothing here assumes positions start at 0 or are contiguous. The rotation itself is a kernel
+(``AttentionBackend.rotary``: pure torch on CPU, ``npu_rotary_mul`` on Ascend).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
@@ -37,8 +33,3 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """query ``[T, H, D]``, key ``[T, KVH, D]`` rotated with ``RotaryEmbedding.cos_sin``'s output."""
-    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
