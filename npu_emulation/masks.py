@@ -34,6 +34,11 @@ from .contracts import fail
 MASKED_AT_MOST = -10000.0  # the least negative value any public source uses for "masked"
 
 
+def _as_stored(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to the mask's dtype (-10000 is -9984 in bfloat16)."""
+    return float(torch.tensor(value).to(dtype))
+
+
 def norm_mask(op: str, name: str, mask: Tensor, flag: bool, source: str) -> tuple[Tensor | None, Tensor | None]:
     """Validate a NORM mask's values; return (additive bias, visible) in float64/bool."""
     m = mask.to(torch.float64)
@@ -43,7 +48,7 @@ def norm_mask(op: str, name: str, mask: Tensor, flag: bool, source: str) -> tupl
                  "(masked) only (ATB SelfAttention: high precision + MASK_TYPE_NORM -> mask value 1; "
                  "vllm-ascend v0.7.3 generate_attn_mask)", source)
         return None, m == 0
-    if not bool(((m == 0) | (m <= MASKED_AT_MOST)).all()):
+    if not bool(((m == 0) | (m <= _as_stored(MASKED_AT_MOST, mask.dtype))).all()):
         fail(op, name, f"an fp16 NORM mask is additive and holds 0 (keep) or <= {MASKED_AT_MOST} "
              "(masked, -inf allowed); a 1 here is the bf16 flag convention (op-plugin "
              "test_atb_flash_attention.py: -10000; vllm-ascend v0.7.3: float32 min)", source)
@@ -55,7 +60,7 @@ def additive_mask_values(op: str, name: str, mask: Tensor, source: str,
     m = mask.to(torch.float64)
     if bool(torch.isnan(m).any()) or bool((m == float("inf")).any()):
         fail(op, name, "holds NaN or +inf: the kernel adds the mask to the scores", source)
-    if masked_only and not bool(((m == 0) | (m <= MASKED_AT_MOST)).all()):
+    if masked_only and not bool(((m == 0) | (m <= _as_stored(MASKED_AT_MOST, mask.dtype))).all()):
         fail(op, name, f"holds values other than 0 (keep) and <= {MASKED_AT_MOST} (masked); a 1 "
              "here is the bf16 flag convention of _npu_flash_attention, which this op does not "
              "use (vllm-ascend v0.7.3 scales it by -10000 for splitfuse)", source)
@@ -76,7 +81,7 @@ def alibi_compress_256(op: str, mask: Tensor, slopes: Tensor | None, heads: int,
              "i - j (the construction of op-plugin test_atb_flash_attention_v2.py "
              "_bf16_alibi_compress; other constructions are not documented: confirm on a device)",
              source)
-    if not bool((m[~lower] >= -MASKED_AT_MOST).all()):
+    if not bool((m[~lower] >= _as_stored(-MASKED_AT_MOST, mask.dtype)).all()):
         fail(op, "mask", "above the diagonal the compressed ALiBi mask must hold a large positive "
              f"value (>= {-MASKED_AT_MOST}; op-plugin uses 60000 or +inf), which the negative "
              "slopes turn into a masked score", source)
