@@ -32,9 +32,9 @@ def fetch_wheel() -> tuple[Path | None, str]:
     CACHE.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"torch-npu=={TORCH_NPU_VERSION}",
            "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-           "-d", str(CACHE)]
+           "--retries", "1", "--timeout", "30", "-d", str(CACHE)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"pip download failed: {e}"
     if proc.returncode != 0 or not path.exists():
