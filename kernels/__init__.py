@@ -21,13 +21,15 @@ __all__ = [
 
 
 def get_backend(device: torch.device | str) -> AttentionBackend:
-    """The attention backend for ``device``: cpu/cuda -> reference, npu -> torch_npu kernels.
+    """The attention backend for ``device``: cpu -> cpu (fast), cuda -> reference, npu -> torch_npu.
 
     A string is accepted because ``torch.device("npu")`` only parses once torch_npu is loaded.
     """
     kind = device.split(":")[0] if isinstance(device, str) else device.type
     if kind in ("cpu", "cuda"):
-        return ReferenceBackend()
+        from .cpu import CpuBackend
+
+        return CpuBackend() if kind == "cpu" else ReferenceBackend()
     if kind == "npu":
         from .npu import NpuBackend
 

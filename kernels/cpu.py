@@ -1,0 +1,289 @@
+"""Fast pure-PyTorch attention for the CPU: the serving path. ``reference.py`` stays the oracle.
+
+Same protocol and semantics as the reference (cached prefixes, ALiBi, GQA/MQA, slot -1 = don't
+store); what differs is how the work is laid out:
+
+* **KV layout** ``[num_blocks, kv_heads, block_size, head_dim]``: one block of one KV head is a
+  contiguous ``[block_size, head_dim]`` matrix, so gathered blocks feed ``bmm`` as they are.
+* **Decode** gathers exactly the blocks each sequence holds (no padding to the longest sequence)
+  and runs one ``bmm`` over ``[blocks * kv_heads]`` for the scores and one for the values.
+  The softmax spans a sequence's blocks: the per-sequence max comes from a ``scatter_reduce``,
+  exponentials are summed per block and added per sequence with ``index_add`` (no permutes, no
+  Python loop over sequences).
+* **Prefill** pads the sequences of a pass into ``[b, q, heads, D]`` and runs
+  ``scaled_dot_product_attention`` with the causal + ALiBi mask. Sequences are sorted by length
+  and cut into a few groups whose padding stays under ``PAD_RATIO`` (a loop over groups, not over
+  sequences); a group without cached prefixes shares one ``[1, heads, q, q]`` mask.
+
+Scores, softmax and the weighted sum run in float32 for every cache dtype, as in the reference.
+The per-step index tensors depend only on the metadata; they are built once per forward pass (the
+first layer) and reused by the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import AttentionMetadata, check_block_size
+from .reference import ReferenceBackend
+
+PAD_RATIO = 1.5  # a prefill group pads at most this many query rows per real one
+NEG_INF = float("-inf")
+
+
+def _long(values: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+@dataclass
+class _DecodePlan:
+    """Index tensors of one decode pass. ``N`` = blocks held by all sequences together."""
+
+    blocks: Tensor  # [N] int64 block ids, sequence by sequence
+    seq_of: Tensor  # [N] int64 sequence of each block
+    rel: Tensor  # [N, 1, 1, bs] float32 key position - query position (<= 0 where valid)
+    invalid: Tensor  # [N, 1, 1, bs] bool, key positions past the sequence's end
+    last: Tensor  # [B] int64 index (into N) of each sequence's last block
+    last_invalid: Tensor  # [B, 1, bs, 1] bool, unwritten tail of that last block
+
+
+@dataclass
+class _PrefillGroup:
+    """Sequences of a prefill pass padded together: ``b`` rows of ``q`` queries, ``k`` keys."""
+
+    b: int
+    q: int
+    k: int
+    tokens: Tensor  # [n] int64 this group's tokens in the pass (in pass order)
+    q_dst: Tensor  # [n] int64 row of each token in the padded [b * q] queries
+    k_dst: Tensor  # [n] int64 row of each token's key in the padded [b * k] keys
+    rel: Tensor  # [b or 1, q, k] float32 key position - query position
+    allowed: Tensor  # [b or 1, q, k] bool, causal (and within the prefix + chunk)
+    # keys of cached prefixes (empty when no sequence of the group has one)
+    prefix_dst: Tensor  # [p] int64 row in the padded keys
+    prefix_block: Tensor  # [p] int64 cache block
+    prefix_offset: Tensor  # [p] int64 offset in that block
+
+
+class CpuBackend(ReferenceBackend):
+    """The attention protocol (``kernels/base.py``) for CPU serving; pointwise kernels
+    (RMSNorm, rotary) and the block size are the reference's."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self._plan_meta: AttentionMetadata | None = None
+        self._plan: _DecodePlan | list[_PrefillGroup] | None = None
+        self._store_all = True
+
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        check_block_size(block_size)
+        return (num_blocks, num_kv_heads, block_size, head_dim)
+
+    # ------------------------------------------------------------------ per-step plan
+    def _plan_for(self, meta: AttentionMetadata, block_size: int):
+        # NOTE: the protocol has no per-step hook; every layer of one pass gets the same meta
+        # object, so the plan is rebuilt when a new one arrives.
+        if meta is not self._plan_meta:
+            self._plan = (
+                self._prefill_plan(meta) if meta.is_prefill else self._decode_plan(meta, block_size)
+            )
+            self._store_all = bool((meta.slot_mapping >= 0).all())
+            self._plan_meta = meta
+        return self._plan
+
+    @staticmethod
+    def _decode_plan(meta: AttentionMetadata, bs: int) -> _DecodePlan:
+        device = meta.block_tables.device
+        counts = [-(-n // bs) for n in meta.seq_lens_list]  # blocks per sequence
+        total = sum(counts)
+        seq_of = torch.repeat_interleave(
+            torch.arange(len(counts), device=device),
+            torch.tensor(counts, device=device),
+            output_size=total,
+        )
+        starts = torch.tensor([0, *counts], device=device).cumsum(0)
+        index = torch.arange(total, device=device) - starts[seq_of]  # block index in its sequence
+        blocks = meta.block_tables[seq_of, index].long()
+        key_pos = index[:, None] * bs + torch.arange(bs, device=device)  # [N, bs]
+        query_pos = meta.seq_lens.long()[seq_of] - 1  # [N]
+        rel = key_pos - query_pos[:, None]
+        invalid = rel > 0
+        last = starts[1:] - 1
+        return _DecodePlan(
+            blocks=blocks,
+            seq_of=seq_of,
+            rel=rel.float().view(total, 1, 1, bs),
+            invalid=invalid.view(total, 1, 1, bs),
+            last=last,
+            last_invalid=invalid[last].view(-1, 1, bs, 1),
+        )
+
+    @staticmethod
+    def _prefill_plan(meta: AttentionMetadata) -> list[_PrefillGroup]:
+        device = meta.slot_mapping.device
+        bs = meta.block_size
+        qlens, ctxs = meta.query_lens_list, meta.context_lens_list
+        starts = meta.cu_seqlens_q_list
+        order = sorted(range(len(qlens)), key=lambda i: -qlens[i])
+        groups: list[list[int]] = []
+        real = 0  # query tokens in the last group
+        for i in order:  # longest first: a group's first sequence sets its padded length
+            g = groups[-1] if groups else None
+            if g and (len(g) + 1) * qlens[g[0]] <= PAD_RATIO * (real + qlens[i]):
+                g.append(i)
+                real += qlens[i]
+            else:
+                groups.append([i])
+                real = qlens[i]
+        plan = []
+        for g in groups:
+            q = max(qlens[i] for i in g)
+            k = max(ctxs[i] + qlens[i] for i in g)
+            tokens, q_dst, k_dst = [], [], []
+            prefix_dst, prefix_seq, prefix_pos = [], [], []
+            for row, i in enumerate(g):
+                n, c = qlens[i], ctxs[i]
+                tokens += range(starts[i], starts[i] + n)
+                q_dst += range(row * q, row * q + n)
+                k_dst += range(row * k + c, row * k + c + n)
+                prefix_dst += range(row * k, row * k + c)
+                prefix_seq += [i] * c
+                prefix_pos += range(c)
+            has_prefix = any(ctxs[i] for i in g)
+            q_pos = torch.arange(q, device=device)
+            k_pos = torch.arange(k, device=device)
+            if has_prefix:  # row r's queries sit at positions ctx_r + 0, 1, ...
+                ctx = torch.tensor([ctxs[i] for i in g], device=device)
+                rel = k_pos[None, None, :] - (ctx[:, None, None] + q_pos[None, :, None])
+            else:  # every row starts at position 0: one mask for the whole group
+                rel = (k_pos[None, :] - q_pos[:, None])[None]
+            pos, seqs = _long(prefix_pos, device), _long(prefix_seq, device)
+            plan.append(
+                _PrefillGroup(
+                    b=len(g),
+                    q=q,
+                    k=k,
+                    tokens=_long(tokens, device),
+                    q_dst=_long(q_dst, device),
+                    k_dst=_long(k_dst, device),
+                    rel=rel.float(),
+                    allowed=rel <= 0,
+                    prefix_dst=_long(prefix_dst, device),
+                    prefix_block=meta.block_tables[seqs, pos // bs].long(),
+                    prefix_offset=pos % bs,
+                )
+            )
+        return plan
+
+    # ------------------------------------------------------------------ the protocol
+    def store_kv(
+        self,
+        key: Tensor,
+        value: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Write ``key``/``value`` ``[T, kv_heads, head_dim]`` to their slots; -1 = don't store."""
+        bs = key_cache.shape[2]
+        self._plan_for(meta, bs)
+        slots = meta.slot_mapping
+        if not self._store_all:
+            keep = slots >= 0
+            slots, key, value = slots[keep], key[keep], value[keep]
+        blocks, offsets = slots // bs, slots % bs
+        key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
+        value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+
+    def decode(
+        self,
+        query: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        alibi_slopes: Tensor | None,
+    ) -> Tensor:
+        b, heads, d = query.shape
+        _, kv_heads, bs, _ = key_cache.shape
+        group = heads // kv_heads
+        p: _DecodePlan = self._plan_for(meta, bs)
+        n = p.blocks.shape[0]
+        k = key_cache.index_select(0, p.blocks).float()  # [N, KVH, bs, D]
+        v = value_cache.index_select(0, p.blocks).float()
+        # NOTE: probabilities are 0 past a sequence's end, but 0 * NaN = NaN: unwritten slots of
+        # the last blocks (which may hold anything) are zeroed in V; in the scores they are masked.
+        v[p.last] = v[p.last].masked_fill(p.last_invalid, 0.0)
+        # Query head h uses KV head h // group: [B, KVH, G, D] per block, never repeating K/V.
+        q = query.float().view(b, kv_heads, group, d).index_select(0, p.seq_of)  # [N, KVH, G, D]
+        kt = k.view(n * kv_heads, bs, d).transpose(1, 2)
+        if alibi_slopes is not None:
+            bias = alibi_slopes.view(1, kv_heads, group, 1) * p.rel  # [N, KVH, G, bs]
+            scores = torch.baddbmm(bias.view(n * kv_heads, group, bs), q.view(-1, group, d), kt, alpha=scale)
+        else:
+            scores = torch.bmm(q.view(-1, group, d), kt).mul_(scale)
+        scores = scores.view(n, kv_heads, group, bs).masked_fill_(p.invalid, NEG_INF)
+        # softmax over all blocks of a sequence
+        block_max = scores.amax(-1)  # [N, KVH, G]
+        seq_max = torch.full((b, kv_heads, group), NEG_INF, device=query.device)
+        seq_max.scatter_reduce_(0, p.seq_of.view(n, 1, 1).expand_as(block_max), block_max, "amax")
+        probs = (scores - seq_max.index_select(0, p.seq_of)[..., None]).exp_()  # unnormalised
+        norm = torch.zeros_like(seq_max).index_add_(0, p.seq_of, probs.sum(-1))  # [B, KVH, G]
+        out = torch.bmm(probs.view(-1, group, bs), v.view(n * kv_heads, bs, d))  # [N*KVH, G, D]
+        out = torch.zeros(b, kv_heads, group, d, device=query.device).index_add_(
+            0, p.seq_of, out.view(n, kv_heads, group, d)
+        )
+        return out.div_(norm[..., None]).view(b, heads, d).to(query.dtype)
+
+    def prefill(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_cache: Tensor,
+        value_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        alibi_slopes: Tensor | None,
+    ) -> Tensor:
+        _, heads, d = query.shape
+        kv_heads = key.shape[1]
+        groups: list[_PrefillGroup] = self._plan_for(meta, key_cache.shape[2])
+        out = torch.empty_like(query)
+        f32 = torch.float32
+        for g in groups:
+            # padded rows are zeros: finite everywhere, and their outputs are dropped
+            q = query.new_zeros((g.b * g.q, heads, d), dtype=f32)
+            q.index_copy_(0, g.q_dst, query.index_select(0, g.tokens).to(f32))
+            k = key.new_zeros((g.b * g.k, kv_heads, d), dtype=f32)
+            v = torch.zeros_like(k)
+            k.index_copy_(0, g.k_dst, key.index_select(0, g.tokens).to(f32))
+            v.index_copy_(0, g.k_dst, value.index_select(0, g.tokens).to(f32))
+            if g.prefix_dst.numel():  # cached prefix positions come from the cache
+                k.index_copy_(0, g.prefix_dst, key_cache[g.prefix_block, :, g.prefix_offset].to(f32))
+                v.index_copy_(0, g.prefix_dst, value_cache[g.prefix_block, :, g.prefix_offset].to(f32))
+            if alibi_slopes is not None:
+                bias = alibi_slopes.view(1, heads, 1, 1) * g.rel[:, None]  # [b|1, H, q, k]
+                mask = bias.masked_fill_(~g.allowed[:, None], NEG_INF)
+            else:
+                mask = torch.zeros(g.allowed.shape, device=query.device).masked_fill_(
+                    ~g.allowed, NEG_INF
+                )[:, None]
+            o = F.scaled_dot_product_attention(
+                q.view(g.b, g.q, heads, d).transpose(1, 2),
+                k.view(g.b, g.k, kv_heads, d).transpose(1, 2),
+                v.view(g.b, g.k, kv_heads, d).transpose(1, 2),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=kv_heads != heads,
+            )  # [b, H, q, D]
+            o = o.transpose(1, 2).reshape(g.b * g.q, heads, d).index_select(0, g.q_dst)
+            out.index_copy_(0, g.tokens, o.to(query.dtype))
+        return out

@@ -1,0 +1,136 @@
+"""CpuBackend (the fast CPU path) against the dense oracle and the reference backend.
+
+Same scenarios and parameters as ``tests/test_kernels.py`` (whose ``Paged`` driver and dense
+oracle are reused): ragged prefill, cached prefixes, decode across block boundaries, ALiBi,
+MHA/GQA/MQA, three dtypes, NaN-poisoned caches; plus what is specific to this backend: prefill
+groups of padded sequences, and its own KV layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels import ALIBI, BLOCK_SIZES, DTYPES, HEADS, KV_HEADS, TOL, Paged, bloom_slopes
+from tgi_npu_backend.kernels import (
+    AttentionBackend,
+    AttentionMetadata,
+    ReferenceBackend,
+    get_backend,
+)
+from tgi_npu_backend.kernels.cpu import CpuBackend
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def check(passes, totals, block_size, kv_heads, dtype, alibi, seed=0, poison=False):
+    """Run ``passes`` ``(seqs, spans, is_prefill)`` on both backends (same data, same block ids);
+    each output must match the dense oracle and the reference backend."""
+    slopes = bloom_slopes(HEADS) if alibi else None
+    fast = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=CpuBackend())
+    ref = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=ReferenceBackend())
+    for seqs, spans, is_prefill in passes:
+        out, expected = fast.run(seqs, spans, slopes, is_prefill)
+        ref_out, _ = ref.run(seqs, spans, slopes, is_prefill)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+        torch.testing.assert_close(out, ref_out, **TOL[dtype])
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+def test_prefill_without_prefix(block_size, kv_heads, alibi, dtype):
+    lens = [1, block_size - 1, block_size, 2 * block_size + 3]
+    seqs = range(len(lens))
+    check([(seqs, [(0, n) for n in lens], True)], lens, block_size, kv_heads, dtype, alibi)
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+def test_prefill_with_cached_prefix(block_size, kv_heads, alibi, dtype):
+    spans = [(0, 7), (1, 1), (block_size - 1, 3), (block_size + 3, block_size + 1)]
+    first = [i for i, (c, _) in enumerate(spans) if c > 0]
+    passes = [
+        (first, [(0, spans[i][0]) for i in first], True),
+        (range(len(spans)), [(c, c + q) for c, q in spans], True),
+    ]
+    check(passes, [c + q for c, q in spans], block_size, kv_heads, dtype, alibi, seed=1)
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+def test_decode_after_prefill(block_size, kv_heads, alibi, dtype):
+    prompts = [1, block_size - 1, block_size, 2 * block_size + 3]
+    seqs = range(len(prompts))
+    passes = [(seqs, [(0, n) for n in prompts], True)]
+    passes += [(seqs, [(n + s, n + s + 1) for n in prompts], False) for s in range(2)]
+    check(passes, [n + 2 for n in prompts], block_size, kv_heads, dtype, alibi, seed=2)
+
+
+@KV_HEADS
+@ALIBI
+def test_garbage_in_unused_cache_does_not_leak(kv_heads, alibi):
+    spans = [(0, 3), (17, 2), (5, 1)]
+    first = [i for i, (c, _) in enumerate(spans) if c > 0]
+    passes = [
+        (first, [(0, spans[i][0]) for i in first], True),
+        (range(3), [(c, c + q) for c, q in spans], True),
+        (range(3), [(c + q, c + q + 1) for c, q in spans], False),
+    ]
+    totals = [c + q + 1 for c, q in spans]
+    check(passes, totals, 16, kv_heads, torch.float32, alibi, seed=3, poison=True)
+
+
+@KV_HEADS
+@ALIBI
+def test_prefill_groups_of_skewed_lengths(kv_heads, alibi):
+    """Lengths far apart fall into several padded groups; a decode then spans 1 to 7 blocks."""
+    lens = [100, 1, 3, 60, 2, 50, 7, 5]
+    groups = CpuBackend._prefill_plan(Paged(lens, 16, kv_heads, torch.float32).meta(
+        range(len(lens)), [(0, n) for n in lens], True))
+    assert len(groups) > 1 and sorted(t for g in groups for t in g.tokens.tolist()) == list(range(sum(lens)))
+    seqs = range(len(lens))
+    passes = [(seqs, [(0, n) for n in lens], True), (seqs, [(n, n + 1) for n in lens], False)]
+    check(passes, [n + 1 for n in lens], 16, kv_heads, torch.float32, alibi, seed=4)
+
+
+@ALIBI
+def test_prefill_mixes_groups_with_and_without_prefix(alibi):
+    spans = [(0, 40), (0, 2), (33, 3), (0, 1), (20, 30)]
+    first = [i for i, (c, _) in enumerate(spans) if c > 0]
+    passes = [
+        (first, [(0, spans[i][0]) for i in first], True),
+        (range(len(spans)), [(c, c + q) for c, q in spans], True),
+    ]
+    check(passes, [c + q for c, q in spans], 16, 2, torch.float32, alibi, seed=5)
+
+
+def test_store_kv_skips_negative_slots():
+    backend = CpuBackend()
+    kc, vc = backend.allocate_kv_cache(4, 16, 1, 8, torch.float32, torch.device("cpu"))
+    assert kc.shape == (4, 1, 16, 8) == backend.kv_cache_shape(4, 16, 1, 8)
+    meta = AttentionMetadata.build(
+        is_prefill=True, slot_mapping=[17, -1, 18], block_tables=[[1]], context_lens=[0],
+        query_lens=[3], block_size=16, device=torch.device("cpu"),
+    )
+    k = torch.arange(3.0)[:, None, None].expand(3, 1, 8)
+    backend.store_kv(k, -k, kc, vc, meta)
+    assert kc[1, 0, 1].eq(0).all() and kc[1, 0, 2].eq(2).all() and vc[1, 0, 2].eq(-2).all()
+    assert kc.count_nonzero() == 8  # only slot 18 (block 1, offset 2) is non-zero
+
+
+def test_get_backend_cpu():
+    backend = get_backend(torch.device("cpu"))
+    assert isinstance(backend, CpuBackend) and isinstance(backend, AttentionBackend)
+    assert backend.name == "cpu" and backend.block_size_for(64) == 16
