@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class BloomGelu(nn.Module):
-    """Tanh-approximated GeLU with BLOOM's (Megatron-DeepSpeed) constant 0.79788456."""
+    """BLOOM's tanh-approximated GeLU, as one fused kernel.
+
+    NOTE: HF's ``BloomGelu`` spells it out, ``x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715
+    * x * x)))`` (Megatron-DeepSpeed's constant for sqrt(2/pi)): seven elementwise passes over
+    ``[tokens, 4 * hidden]``, ~25% of a CPU prefill. ``F.gelu(approximate="tanh")`` is the same
+    function to within 5e-7 in float32 (``tests/test_activation.py`` checks it against HF's).
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1.0 + 0.044715 * x * x)))
+        return F.gelu(x, approximate="tanh")
 
 
 class GeluAndMul(nn.Module):
