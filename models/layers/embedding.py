@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tgi_npu_backend.distributed import ParallelContext
+from tgi_npu_backend.models.layers.linear import linear
 from tgi_npu_backend.weights import Weights
 
 
@@ -85,5 +86,5 @@ class ParallelLMHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] float32
         weight = self.tied.weight if self.tied is not None else self.weight
         # NOTE: matmul in the model dtype and upcast after, as HF does (logits.float()).
-        logits = F.linear(hidden, weight).float()  # [N, V_local]
+        logits = linear(hidden, weight).float()  # [N, V_local]
         return self.parallel.all_gather_last_dim(logits)

@@ -22,6 +22,21 @@ from tgi_npu_backend.weights import Weights
 Shard = tuple[int, int]  # (index, count): this rank holds block `index` of `count` equal blocks
 
 
+# NOTE: measured on the 2-core CPU this project benchmarks on (MKL sgemm, float32): for a few rows
+# ``W @ x^T`` is 20-35% faster than ``x @ W^T`` (M = 1..128; 250k-row LM head at M = 32: 280 vs
+# 450 ms), and slower from M = 512 (prefill). Decode steps have few rows.
+FEW_ROWS = 128
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` ``[M, in]``; on CPU with at most ``FEW_ROWS`` rows
+    computed as ``weight @ x^T`` (same result, contiguous ``[M, out]``)."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > FEW_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t().contiguous()
+
+
 def _param(*shape: int, dtype: torch.dtype | None, device: torch.device | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -79,7 +94,7 @@ class MergedColumnParallelLinear(nn.Module):
             start += local
 
     def forward(self, x: Tensor) -> Tensor:  # [T, in] -> [T, sum(local_out)]
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(MergedColumnParallelLinear):
@@ -140,8 +155,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.parallel.is_parallel:
-            return F.linear(x, self.weight, self.bias)
-        out = self.parallel.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        out = self.parallel.all_reduce(linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias
         return out
