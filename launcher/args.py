@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Flags of text-generation-launcher that this launcher refuses, and why.
 REFUSED: dict[str, str] = {
@@ -14,13 +14,23 @@ REFUSED: dict[str, str] = {
     "--kv-cache-dtype": "the KV cache uses the model dtype",
     "--speculate": "speculative decoding is not implemented by the shard",
     "--lora-adapters": "LoRA adapters are not supported (unknown adapter_id falls back to the base model)",
-    "--cors-allow-origin": "CORS headers are not implemented; put a proxy in front",
-    "--api-key": "API keys are not implemented; put a proxy in front",
     "--ngrok": "ngrok tunnelling is not implemented",
     "--ngrok-authtoken": "ngrok tunnelling is not implemented",
     "--ngrok-edge": "ngrok tunnelling is not implemented",
     "--tokenizer-config-path": "the tokenizer (and chat template) is always the model's own",
 }
+
+# The environment forms of refused flags (clap reads each flag's UPPER_SNAKE variable), refused
+# the same way. NGROK_AUTHTOKEN/NGROK_EDGE are left alone: they do nothing without NGROK, and the
+# ngrok CLI's own users have them set.
+REFUSED_ENV = (
+    "--quantize",
+    "--kv-cache-dtype",
+    "--speculate",
+    "--lora-adapters",
+    "--ngrok",
+    "--tokenizer-config-path",
+)
 
 BOOL_TRUE = {"1", "true", "yes", "on"}
 
@@ -74,6 +84,8 @@ class LauncherArgs:
     payload_limit: int
     enable_prefill_logprobs: bool
     graceful_termination_timeout: int
+    api_key: str | None = field(default=None, repr=False)  # never printed (--env, logs)
+    cors_allow_origin: tuple[str, ...] = ()
 
 
 def _env(name: str, default):
@@ -149,7 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--usage-stats", default="on", help_="accepted; this launcher never sends usage stats")
     opt("--payload-limit", int, 2_000_000)
     flag("--enable-prefill-logprobs")
-    opt("--graceful-termination-timeout", int, 90)
+    opt(
+        "--graceful-termination-timeout",
+        int,
+        90,
+        "seconds in-flight requests may take to finish after SIGTERM/SIGINT (new ones are "
+        "refused); then they are cancelled, and shards get as long to exit",
+    )
+    opt("--api-key", help_="require `Authorization: Bearer KEY` on the generation routes")
+    p.add_argument(
+        "--cors-allow-origin",
+        action="append",
+        default=None,
+        help="origin allowed by CORS (repeat the flag for several; env CORS_ALLOW_ORIGIN, "
+        "comma-separated); default: any origin",
+    )
     p.add_argument("-t", dest="graceful_termination_timeout", type=int, help=argparse.SUPPRESS)
     return p
 
@@ -158,13 +184,35 @@ def refused_flags(argv: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in REFUSED]
 
 
+def refused_env(env: dict[str, str]) -> list[str]:
+    """``NAME=value (--flag): reason`` for each refused flag set through the environment."""
+    found = []
+    for flag in REFUSED_ENV:
+        name = flag.lstrip("-").replace("-", "_").upper()
+        value = env.get(name, "")
+        if value.strip() and (flag != "--ngrok" or _bool(value)):
+            found.append(f"{name}={value!r} (the environment form of {flag}): {REFUSED[flag]}")
+    return found
+
+
 def parse_args(argv: list[str]) -> LauncherArgs:
-    """Parse ``argv``; raises RefusedFlag for unsupported TGI flags or invalid combinations."""
+    """Parse ``argv``; raises RefusedFlag for unsupported TGI flags (as flags or environment
+    variables) or invalid combinations."""
     refused = refused_flags(argv)
     if refused:
         lines = [f"{flag}: {REFUSED[flag]}" for flag in dict.fromkeys(refused)]
         raise RefusedFlag("tgi-npu-launcher does not support " + "; ".join(lines))
+    from_env = refused_env(dict(os.environ))
+    if from_env:
+        raise RefusedFlag(
+            "tgi-npu-launcher does not support " + "; ".join(from_env) + ". Unset the variable"
+        )
     ns = vars(build_parser().parse_args(argv))
+    origins = ns["cors_allow_origin"]
+    if origins is None:
+        origins = [o for o in os.environ.get("CORS_ALLOW_ORIGIN", "").split(",") if o.strip()]
+    ns["cors_allow_origin"] = tuple(o.strip() for o in origins)
+    ns["api_key"] = ns["api_key"] or None
     max_input_length = ns.pop("max_input_length")
     if max_input_length is not None:
         if ns["max_input_tokens"] is not None:
@@ -215,6 +263,8 @@ def _check(a: LauncherArgs) -> None:
         raise RefusedFlag("--max-concurrent-requests must be >= 1")
     if not 0.0 <= a.waiting_served_ratio:
         raise RefusedFlag("--waiting-served-ratio must be >= 0")
+    if a.graceful_termination_timeout < 0:
+        raise RefusedFlag("--graceful-termination-timeout must be >= 0 seconds")
 
 
 def find_num_shards(sharded: bool | None, num_shard: int | None) -> int:

@@ -16,7 +16,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 from .allocator import BlockAllocation, BlockAllocator
 from .radix import RadixAllocator
 from .entities import ValidRequest
-from .errors import InferError
+from .errors import GenerationError, InferError, ValidationError
 from .metrics import Metrics
 from .protocol import request_to_pb
 
@@ -81,6 +81,10 @@ class Queue:
         """Return once an entry was appended since the last ``wait``."""
         await self._appended.wait()
         self._appended.clear()
+
+    def wake(self) -> None:
+        """Make the next ``wait`` return at once (entries are left to serve)."""
+        self._appended.set()
 
     def drain(self) -> list[Entry]:
         drained = list(self.entries)
@@ -175,9 +179,24 @@ class Queue:
 
         now = time.monotonic()
         requests = []
-        for entry in batch:
+        for entry in list(batch):
             entry.batch_time = now
-            requests.append(request_to_pb(entry.id, entry.request, entry.allocation))
+            try:
+                requests.append(request_to_pb(entry.id, entry.request, entry.allocation))
+            except Exception as err:  # a value validation let through: fail this request only
+                log.exception(f"request {entry.id} cannot be sent to the shard")
+                batch.remove(entry)
+                self.free(entry, cache=False)
+                self.metrics.inc("tgi_request_failure", err="validation")
+                entry.fail(
+                    ValidationError(f"the request cannot be sent to the shard: {err}")
+                    if isinstance(err, (ValueError, TypeError))
+                    else GenerationError(f"the request cannot be sent to the shard: {err!r}")
+                )
+        if not batch:
+            if self.entries:
+                self.wake()  # the batching task must come back for the others
+            return None
         message = pb.Batch(
             id=self.next_batch_id,
             requests=requests,

@@ -1,6 +1,7 @@
 """``tgi-npu-launcher``: download weights, start the shards, warm them up, serve HTTP; on
-SIGTERM/SIGINT cancel in-flight requests, stop the shards and exit 0; if a shard exits, tear
-everything down, print its stderr and exit 1."""
+SIGTERM/SIGINT stop accepting requests, let in-flight ones finish for up to
+``--graceful-termination-timeout`` seconds (a second signal cancels them at once), stop the shards
+and exit 0; if a shard exits, tear everything down, print its stderr and exit 1."""
 
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def settings_from(args: LauncherArgs) -> RouterSettings:
         validation_workers=args.validation_workers,
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
-        shutdown_timeout=min(float(args.graceful_termination_timeout), 10.0),
+        shutdown_timeout=float(args.graceful_termination_timeout),
+        api_key=args.api_key,
+        cors_allow_origin=args.cors_allow_origin,
     )
 
 
@@ -127,6 +130,7 @@ async def launch(args: LauncherArgs) -> int:
     manager = ShardManager(args, world_size, attention, prefix_caching, shard_log_level())
     router: Router | None = None
     code = 0
+    draining = False
     try:
         await _guard(manager.download_weights(), stop)
         await _guard(manager.start(), stop, manager)
@@ -148,7 +152,8 @@ async def launch(args: LauncherArgs) -> int:
             log.error(f"The batching task crashed: {first.result()!r}")
             code = 1
         else:
-            log.info("Received termination signal: cancelling in-flight requests, stopping shards")
+            draining = True
+            log.info("Received termination signal: draining in-flight requests, then stopping")
     except Stopped:
         log.info("Received termination signal during startup: stopping")
     except (LauncherError, ClientError, RefusedFlag) as err:
@@ -156,9 +161,24 @@ async def launch(args: LauncherArgs) -> int:
         code = 1
     finally:
         if router is not None:
-            await router.stop()
+            await (_drain(router, stop) if draining else router.stop())
         await manager.stop(args.graceful_termination_timeout)
     return code
+
+
+async def _drain(router: Router, stop: asyncio.Event) -> None:
+    """``router.stop(drain=True)``; a second termination signal cancels what is left at once."""
+    stop.clear()
+    drained = asyncio.ensure_future(router.stop(drain=True))
+    again = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({drained, again}, return_when=asyncio.FIRST_COMPLETED)
+        if not drained.done():
+            log.info("Second termination signal: cancelling in-flight requests")
+            await router.scheduler.stop()  # every request fails, so its handler ends
+        await drained
+    finally:
+        again.cancel()
 
 
 async def _scheduler_crash(router: Router) -> BaseException:

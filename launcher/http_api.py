@@ -7,6 +7,7 @@ answered with their HTTP status instead of TGI's ``200`` + SSE error event.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,12 +16,15 @@ from typing import Any
 
 from aiohttp import web
 
+from .access import add_cors, auth_middleware
 from .entities import EndEvent, PrefillEvent, TokenEvent
-from .errors import BadRequestError, IncompleteGenerationStreamError, InferError, ValidationError
+from .errors import IncompleteGenerationStreamError, InferError, ValidationError
 from .infer import Infer
+from .json_body import parse_json
 from .metrics import Metrics
 from .schemas import GenerateRequest, details_json, stream_event_json
 from .tokenizer import Tokenizer
+from .validation import INLINE_TOKENIZE_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +60,19 @@ async def error_middleware(request: web.Request, handler):
         return error_response(err)
     except web.HTTPRequestEntityTooLarge as err:
         return web.json_response({"error": err.text, "error_type": "payload_too_large"}, status=413)
+    except web.HTTPException:
+        raise
+    except Exception as err:  # a bug: one request gets a JSON 500, the server keeps serving
+        log.exception(f"{request.method} {request.path} failed")
+        return web.json_response(
+            {"error": f"internal error: {type(err).__name__}: {err}", "error_type": "internal"},
+            status=500,
+        )
 
 
 async def read_json(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except ValueError as err:
-        raise BadRequestError(f"Failed to parse the request body as JSON: {err}") from None
+    """The body, parsed as strictly as TGI's serde_json (``json_body``)."""
+    return parse_json(await request.read())
 
 
 def dumps(obj: Any) -> bytes:
@@ -234,13 +243,28 @@ async def metrics(request: web.Request) -> web.Response:
 async def tokenize(request: web.Request) -> web.Response:
     state = state_of(request)
     req = GenerateRequest.parse(await read_json(request))
-    return web.json_response(state.tokenizer.tokenize(req.inputs, req.add_special_tokens))
+    if len(req.inputs) <= INLINE_TOKENIZE_CHARS:
+        tokens = state.tokenizer.tokenize(req.inputs, req.add_special_tokens)
+    else:  # a long text: off the event loop, with the GIL released
+        tokens = await asyncio.to_thread(
+            state.tokenizer.tokenize, req.inputs, req.add_special_tokens, True
+        )
+    return web.json_response(tokens, dumps=lambda o: dumps(o).decode())
 
 
-def build_app(state: AppState, payload_limit: int = 2_000_000) -> web.Application:
+def build_app(
+    state: AppState,
+    payload_limit: int = 2_000_000,
+    api_key: str | None = None,
+    cors_allow_origin: tuple[str, ...] = (),
+) -> web.Application:
     from . import completions, openai_api
 
-    app = web.Application(client_max_size=payload_limit, middlewares=[error_middleware])
+    middlewares = [error_middleware]
+    if api_key:
+        middlewares.insert(0, auth_middleware(api_key))
+    app = web.Application(client_max_size=payload_limit, middlewares=middlewares)
+    add_cors(app, cors_allow_origin, allow_authorization=bool(api_key))
     app[STATE] = state
     app.router.add_post("/", compat_generate)
     app.router.add_get("/", health)

@@ -18,7 +18,7 @@ from .http_api import (
     state_of,
     stream_generate,
 )
-from .schemas import Fields, GenerateParameters, GenerateRequest
+from .schemas import Fields, GenerateParameters, GenerateRequest, to_f32
 from .version import VERSION
 
 DONE = b"[DONE]"
@@ -34,7 +34,7 @@ def openai_error_event(err: InferError) -> dict:
 
 def sampling_params(f: Fields) -> tuple[bool, float | None]:
     """OpenAI temperature 0 means greedy; anything else samples (TGI ``try_into_generate``)."""
-    temperature = f.get("temperature", "float")
+    temperature = f.get("temperature", "f32")
     if temperature == 0.0:
         return False, None
     return True, temperature
@@ -50,11 +50,16 @@ def _message_text(message: Any, i: int) -> dict:
     content = message.get("content")
     if isinstance(content, list):  # content parts: text joined, images as markdown (TGI)
         parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                parts.append(str(part.get("text", "")))
-            elif isinstance(part, dict) and part.get("type") == "image_url":
+        for j, part in enumerate(content):
+            kind = Fields(part, f"messages[{i}].content[{j}]").require("type", "str")
+            if kind == "text":
+                parts.append(Fields(part, f"messages[{i}].content[{j}]").require("text", "str"))
+            elif kind == "image_url":
                 raise ValidationError("image modality is not supported")
+            else:
+                raise ValidationError(
+                    f"messages[{i}].content[{j}].type must be `text` or `image_url`, not `{kind}`"
+                )
         content = "".join(parts)
     elif content is None:
         content = ""
@@ -75,23 +80,33 @@ def chat_to_generate(state: AppState, body: Any) -> tuple[GenerateRequest, dict[
             "`tools` and `response_format` (grammars) are not supported by tgi-npu-launcher"
         )
     do_sample, temperature = sampling_params(f)
-    presence = f.get("presence_penalty", "float")
-    max_tokens = f.get("max_tokens", "uint")
+    presence = f.get("presence_penalty", "f32")
+    repetition_penalty = None
+    if presence is not None:
+        # TGI sends presence_penalty + 2 as repetition_penalty, which must be > 0; say which
+        # field the client has to change.
+        repetition_penalty = to_f32(presence + 2.0)
+        if not repetition_penalty > 0.0:
+            raise ValidationError(
+                "`presence_penalty` must be > -2.0 (it is sent as `repetition_penalty` = "
+                f"presence_penalty + 2, which must be strictly positive). Given: {presence}"
+            )
+    max_tokens = f.get("max_tokens", "u32")
     if max_tokens is None:
-        max_tokens = f.get("max_completion_tokens", "uint")
+        max_tokens = f.get("max_completion_tokens", "u32")
     logprobs = bool(f.get("logprobs", "bool", False))
     model = f.get("model", "str")
     params = GenerateParameters(
         temperature=temperature,
-        repetition_penalty=None if presence is None else presence + 2.0,
-        frequency_penalty=f.get("frequency_penalty", "float"),
-        top_p=f.get("top_p", "float"),
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=f.get("frequency_penalty", "f32"),
+        top_p=f.get("top_p", "f32"),
         do_sample=do_sample,
         max_new_tokens=max_tokens,
         stop=f.get("stop", "str_list", []),
         details=True,
-        seed=f.get("seed", "uint"),
-        top_n_tokens=f.get("top_logprobs", "uint"),
+        seed=f.get("seed", "u64"),
+        top_n_tokens=f.get("top_logprobs", "u32"),
         adapter_id=adapter_id_for(model),
     )
     prompt = state.tokenizer.apply_chat_template(

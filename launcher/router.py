@@ -46,7 +46,10 @@ class RouterSettings:
     validation_workers: int = 2
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000
-    shutdown_timeout: float = 10.0
+    # seconds in-flight requests get to finish once a stop begins (--graceful-termination-timeout)
+    shutdown_timeout: float = 90.0
+    api_key: str | None = field(default=None, repr=False)
+    cors_allow_origin: tuple[str, ...] = ()
 
 
 def info_json(s: RouterSettings, limits: Limits) -> dict:
@@ -78,6 +81,8 @@ class Router:
     allocator: BlockAllocator | RadixAllocator | None
     metrics: Metrics
     runners: list[web.AppRunner] = field(default_factory=list)
+    shutdown_timeout: float = 0.0
+    stopped: bool = False
 
     @classmethod
     async def start(
@@ -140,7 +145,15 @@ class Router:
             allocator=allocator,
             speculate=info.speculate,
         )
-        router = cls(client, scheduler, infer, queue, allocator, metrics)
+        router = cls(
+            client,
+            scheduler,
+            infer,
+            queue,
+            allocator,
+            metrics,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
         scheduler.start()
         state = AppState(
             infer=infer,
@@ -149,7 +162,7 @@ class Router:
             info=info_json(settings, limits),
             compute_type=info.device_type or "cpu",
         )
-        app = build_app(state, settings.payload_limit)
+        app = build_app(state, settings.payload_limit, settings.api_key, settings.cors_allow_origin)
         await router._serve(app, settings.hostname, settings.port, settings.shutdown_timeout)
         if settings.prometheus_port is not None:
             prom = web.Application()
@@ -181,10 +194,22 @@ class Router:
         server = self.runners[0].addresses[0]
         return server[1]
 
-    async def stop(self) -> None:
-        """Fail in-flight requests, stop HTTP, close the shard channels."""
+    async def stop(self, drain: bool = False) -> None:
+        """Stop HTTP and close the shard channels. ``drain`` (SIGTERM, as TGI's router): stop
+        accepting requests and let those in flight finish for up to ``shutdown_timeout``
+        seconds, then cancel the rest. Otherwise fail in-flight requests at once."""
+        if self.stopped:
+            return
+        self.stopped = True
         self.infer.closing = True
-        await self.scheduler.stop()
-        for runner in self.runners:
+        if not drain:
+            await self.scheduler.stop()
+        elif self.infer.in_flight:
+            log.info(
+                f"Draining {self.infer.in_flight} in-flight request(s) for up to "
+                f"{self.shutdown_timeout:g}s"
+            )
+        for runner in self.runners:  # closes the listeners, then waits for running handlers
             await runner.cleanup()
+        await self.scheduler.stop()
         await self.client.close()

@@ -5,12 +5,17 @@ Decode([current, new?]) until the batch is empty, admitting new requests between
 waiting-served ratio. After every step the live-entry map decides FilterBatch/ClearCache, so a
 request that finished or whose client went away leaves the shard's batch and its blocks return
 to the allocator.
+
+The task survives any single request: a shard error fails the requests of that batch (each one's
+424 names no other request), and an unexpected error fails the requests in flight, clears the
+shard's batches and serves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -23,6 +28,21 @@ from .metrics import Metrics
 from .protocol import generation_events
 
 log = logging.getLogger(__name__)
+
+# How the shard names requests in its errors ("request 7: ...", "request id(s) [3, 4] ...").
+_REQUEST_IDS = re.compile(r"\brequest(?:\(s\)| id\(s\)| ids?)? \[?(\d+(?:, \d+)*)\]?")
+
+
+def public_message(message: str, own_id: int) -> str:
+    """A shard error as one request's client may see it: its own id becomes "this request",
+    every other request's id "another request of the batch" (ids are the router's, and other
+    users' requests are none of this client's business)."""
+
+    def replace(match: re.Match) -> str:
+        ids = {int(i) for i in match.group(1).split(", ")}
+        return "this request" if own_id in ids else "another request of the batch"
+
+    return _REQUEST_IDS.sub(replace, message)
 
 
 @dataclass(frozen=True)
@@ -79,51 +99,68 @@ class Scheduler:
             entry.fail(error)
 
     async def _run(self) -> None:
-        cfg = self.config
         while True:
             await self.queue.wait()
-            while (
-                nb := self.queue.next_batch(
-                    None,
-                    cfg.max_batch_size,
-                    cfg.max_batch_prefill_tokens,
-                    cfg.max_batch_total_tokens,
+            try:
+                await self._serve_queue()
+            except Exception as err:  # a bug must not take the server down: fail what is in flight
+                log.exception(
+                    "the batching task hit an unexpected error; failing the requests in flight"
                 )
-            ) is not None:
-                entries = nb.entries
-                self._live = [entries]
-                cached = await self._prefill(nb.batch, entries)
-                waiting_tokens = 1
-                while cached is not None:
-                    batches = [cached]
-                    self.metrics.set("tgi_batch_current_size", cached.size)
-                    self.metrics.set("tgi_batch_current_max_tokens", cached.max_tokens)
-                    token_budget = max(cfg.max_batch_total_tokens - cached.max_tokens, 0)
-                    if waiting_tokens >= cfg.max_waiting_tokens:
-                        min_size = None  # waited long enough: admit even a small batch
-                    else:
-                        min_size = int(cached.size * cfg.waiting_served_ratio)
-                    max_size = None
-                    if cfg.max_batch_size is not None:
-                        max_size = max(cfg.max_batch_size - cached.size, 0)
-                    new = self.queue.next_batch(
-                        min_size, max_size, cfg.max_batch_prefill_tokens, token_budget
-                    )
-                    if new is not None:
-                        reason = "backpressure" if min_size is not None else "wait_exceeded"
-                        self.metrics.inc("tgi_batch_concat", reason=reason)
-                        self._live = [entries, new.entries]
-                        new_cached = await self._prefill(new.batch, new.entries)
-                        if new_cached is not None:
-                            entries.update(new.entries)
-                            batches.append(new_cached)
-                        self._live = [entries]
-                        waiting_tokens = 1
-                    cached = await self._decode(batches, entries)
-                    waiting_tokens += 1
+                self.healthy = False
+                for entries in self._live:
+                    self._fail(entries, GenerationError(f"unexpected router error: {err!r}"))
                 self._live = []
-                self.metrics.set("tgi_batch_current_size", 0)
-                self.metrics.set("tgi_batch_current_max_tokens", 0)
+                try:
+                    await self.client.clear_cache(None)
+                except Exception as clear_err:  # noqa: BLE001 (logged; keep serving)
+                    log.error(f"ClearCache after the error failed: {clear_err!r}")
+                self.queue.wake()  # serve whatever is still queued
+
+    async def _serve_queue(self) -> None:
+        cfg = self.config
+        while (
+            nb := self.queue.next_batch(
+                None,
+                cfg.max_batch_size,
+                cfg.max_batch_prefill_tokens,
+                cfg.max_batch_total_tokens,
+            )
+        ) is not None:
+            entries = nb.entries
+            self._live = [entries]
+            cached = await self._prefill(nb.batch, entries)
+            waiting_tokens = 1
+            while cached is not None:
+                batches = [cached]
+                self.metrics.set("tgi_batch_current_size", cached.size)
+                self.metrics.set("tgi_batch_current_max_tokens", cached.max_tokens)
+                token_budget = max(cfg.max_batch_total_tokens - cached.max_tokens, 0)
+                if waiting_tokens >= cfg.max_waiting_tokens:
+                    min_size = None  # waited long enough: admit even a small batch
+                else:
+                    min_size = int(cached.size * cfg.waiting_served_ratio)
+                max_size = None
+                if cfg.max_batch_size is not None:
+                    max_size = max(cfg.max_batch_size - cached.size, 0)
+                new = self.queue.next_batch(
+                    min_size, max_size, cfg.max_batch_prefill_tokens, token_budget
+                )
+                if new is not None:
+                    reason = "backpressure" if min_size is not None else "wait_exceeded"
+                    self.metrics.inc("tgi_batch_concat", reason=reason)
+                    self._live = [entries, new.entries]
+                    new_cached = await self._prefill(new.batch, new.entries)
+                    if new_cached is not None:
+                        entries.update(new.entries)
+                        batches.append(new_cached)
+                    self._live = [entries]
+                    waiting_tokens = 1
+                cached = await self._decode(batches, entries)
+                waiting_tokens += 1
+            self._live = []
+            self.metrics.set("tgi_batch_current_size", 0)
+            self.metrics.set("tgi_batch_current_max_tokens", 0)
 
     async def _prefill(self, batch: pb.Batch, entries: dict[int, Entry]) -> pb.CachedBatch | None:
         return await self._step(
@@ -152,7 +189,7 @@ class Scheduler:
                     pass
             log.error(f"{method} failed: {err}")
             self.healthy = False
-            self._fail(entries, GenerationError(str(err)))
+            self._fail_each(entries, str(err))
             self.metrics.inc("tgi_batch_inference_failure", method=method)
             return None
         filter_start = time.monotonic()
@@ -168,7 +205,7 @@ class Scheduler:
                 except ClientError:
                     pass
             self.healthy = False
-            self._fail(entries, GenerationError(str(err)))
+            self._fail_each(entries, str(err))
             return None
         t = result.timings
         if t.concat_ns is not None:
@@ -207,6 +244,12 @@ class Scheduler:
     def _remove(self, entries: dict[int, Entry], entry: Entry, cache: bool = True) -> None:
         entries.pop(entry.id, None)
         self.queue.free(entry, cache=cache)
+
+    def _fail_each(self, entries: dict[int, Entry], message: str) -> None:
+        """Fail every entry with a shard error, each seeing only its own request id."""
+        for entry in list(entries.values()):
+            self._fail({entry.id: entry}, GenerationError(public_message(message, entry.id)))
+            entries.pop(entry.id, None)
 
     def _fail(self, entries: dict[int, Entry], error: InferError) -> None:
         for entry in list(entries.values()):

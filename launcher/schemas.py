@@ -3,6 +3,8 @@ wrong type) and building ``details`` / stream events."""
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,13 @@ from .errors import ValidationError
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
+# serde's integer types: (min, max). usize is 64-bit on the router's platforms.
+INT_RANGES = {
+    "u32": (0, U32_MAX),
+    "i32": (-(2**31), 2**31 - 1),
+    "u64": (0, U64_MAX),
+    "usize": (0, U64_MAX),
+}
 
 
 def deserialize_error(path: str, message: str) -> ValidationError:
@@ -19,13 +28,39 @@ def deserialize_error(path: str, message: str) -> ValidationError:
     )
 
 
+def _unexpected(value: Any) -> str:
+    """serde's name for what it found instead."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean `{str(value).lower()}`"
+    if isinstance(value, int):
+        return f"integer `{value}`"
+    if isinstance(value, float):
+        return f"floating point `{value}`"
+    if isinstance(value, str):
+        return f'string "{value[:64]}{"..." if len(value) > 64 else ""}"'
+    return "sequence" if isinstance(value, list) else "map"
+
+
+def to_f32(value: float) -> float | None:
+    """``value as f32`` (what serde gives TGI and what the shard receives), or None when it does
+    not fit a finite f32 (serde would give TGI infinity; here that is refused)."""
+    try:
+        rounded = struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        return None
+    return rounded if math.isfinite(rounded) else None
+
+
 class Fields:
-    """Typed reads from a JSON object, with serde-style error messages."""
+    """Typed reads from a JSON object, with serde-style error messages. Kinds: ``bool``, ``str``,
+    ``str_list``, ``f32`` (finite), and the integer types of ``INT_RANGES``."""
 
     def __init__(self, obj: Any, path: str) -> None:
         if not isinstance(obj, dict):
             raise deserialize_error(
-                path or "body", f"invalid type: {type(obj).__name__}, expected a JSON object"
+                path or "body", f"invalid type: {_unexpected(obj)}, expected a JSON object"
             )
         self.obj = obj
         self.path = path
@@ -33,47 +68,55 @@ class Fields:
     def _where(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def get(self, name: str, kind: str, default: Any = None, *, maximum: int | None = None) -> Any:
+    def get(self, name: str, kind: str, default: Any = None) -> Any:
         value = self.obj.get(name)
         if value is None:
             return default
         where = self._where(name)
         if kind == "bool":
             if not isinstance(value, bool):
-                raise deserialize_error(where, f"invalid type: {value!r}, expected a boolean")
-        elif kind in ("uint", "int"):
+                raise deserialize_error(
+                    where, f"invalid type: {_unexpected(value)}, expected a boolean"
+                )
+        elif kind in INT_RANGES:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise deserialize_error(where, f"invalid type: {value!r}, expected an integer")
-            if kind == "uint" and value < 0:
                 raise deserialize_error(
-                    where, f"invalid value: integer `{value}`, expected an unsigned integer"
+                    where, f"invalid type: {_unexpected(value)}, expected {kind}"
                 )
-            if maximum is not None and value > maximum:
-                raise deserialize_error(
-                    where, f"invalid value: integer `{value}`, expected at most {maximum}"
-                )
-        elif kind == "float":
+            low, high = INT_RANGES[kind]
+            if not low <= value <= high:
+                raise deserialize_error(where, f"invalid value: integer `{value}`, expected {kind}")
+        elif kind == "f32":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise deserialize_error(where, f"invalid type: {value!r}, expected a number")
-            value = float(value)
+                raise deserialize_error(where, f"invalid type: {_unexpected(value)}, expected f32")
+            rounded = to_f32(float(value)) if abs(value) < 1e39 else None
+            if rounded is None:
+                raise deserialize_error(
+                    where, f"invalid value: {_unexpected(value)}, expected a finite f32"
+                )
+            value = rounded
         elif kind == "str":
             if not isinstance(value, str):
-                raise deserialize_error(where, f"invalid type: {value!r}, expected a string")
+                raise deserialize_error(
+                    where, f"invalid type: {_unexpected(value)}, expected a string"
+                )
         elif kind == "str_list":
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise deserialize_error(
-                    where, f"invalid type: {value!r}, expected a list of strings"
+                    where, f"invalid type: {_unexpected(value)}, expected a sequence of strings"
                 )
+        else:
+            raise AssertionError(f"unknown field kind {kind!r}")
         return value
 
-    def require(self, name: str, kind: str, **kw: Any) -> Any:
+    def require(self, name: str, kind: str) -> Any:
         if name not in self.obj:
             raise deserialize_error(self.path or "body", f"missing field `{name}`")
         if self.obj[name] is None:
-            raise deserialize_error(self._where(name), f"invalid type: null, expected a {kind}")
-        return self.get(name, kind, **kw)
+            raise deserialize_error(self._where(name), f"invalid type: null, expected {kind}")
+        return self.get(name, kind)
 
 
 @dataclass
@@ -104,23 +147,23 @@ class GenerateParameters:
             return cls()
         f = Fields(obj, path)
         return cls(
-            best_of=f.get("best_of", "uint"),
-            temperature=f.get("temperature", "float"),
-            repetition_penalty=f.get("repetition_penalty", "float"),
-            frequency_penalty=f.get("frequency_penalty", "float"),
-            top_k=f.get("top_k", "int"),
-            top_p=f.get("top_p", "float"),
-            typical_p=f.get("typical_p", "float"),
+            best_of=f.get("best_of", "usize"),
+            temperature=f.get("temperature", "f32"),
+            repetition_penalty=f.get("repetition_penalty", "f32"),
+            frequency_penalty=f.get("frequency_penalty", "f32"),
+            top_k=f.get("top_k", "i32"),
+            top_p=f.get("top_p", "f32"),
+            typical_p=f.get("typical_p", "f32"),
             do_sample=f.get("do_sample", "bool", False),
-            max_new_tokens=f.get("max_new_tokens", "uint", maximum=U32_MAX),
+            max_new_tokens=f.get("max_new_tokens", "u32"),
             return_full_text=f.get("return_full_text", "bool"),
             stop=f.get("stop", "str_list", []),
-            truncate=f.get("truncate", "uint"),
+            truncate=f.get("truncate", "usize"),
             watermark=f.get("watermark", "bool", False),
             details=f.get("details", "bool", False),
             decoder_input_details=f.get("decoder_input_details", "bool", False),
-            seed=f.get("seed", "uint", maximum=U64_MAX),
-            top_n_tokens=f.get("top_n_tokens", "uint", maximum=U32_MAX),
+            seed=f.get("seed", "u64"),
+            top_n_tokens=f.get("top_n_tokens", "u32"),
             grammar=obj.get("grammar"),
             adapter_id=f.get("adapter_id", "str"),
         )

@@ -30,19 +30,32 @@ class Tokenizer:
             raise ValueError(f"could not load the tokenizer of {model_id!r}: {err}") from err
         return cls(hf)
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def _encoding(self, text: str, add_special_tokens: bool, release_gil: bool):
+        # NOTE: tokenizers' ``encode`` holds the GIL (a 2 MB prompt stalls the event loop for
+        # seconds even from a worker thread); ``encode_batch`` releases it.
+        if release_gil:
+            return self._fast.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        return self._fast.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool, release_gil: bool = False) -> list[int]:
+        """Token ids; ``release_gil`` for long texts encoded in a worker thread."""
         try:
             if self._fast is not None:
-                return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
+                return self._encoding(text, add_special_tokens, release_gil).ids
             return self.hf.encode(text, add_special_tokens=add_special_tokens)
         except Exception as err:
             raise ValidationError(f"tokenizer error {err}") from err
 
-    def tokenize(self, text: str, add_special_tokens: bool) -> list[dict]:
+    def tokenize(
+        self, text: str, add_special_tokens: bool, release_gil: bool = False
+    ) -> list[dict]:
         """``/tokenize``: ``[{id, text, start, stop}]`` with character offsets into ``text``."""
         if self._fast is None:
             raise ValidationError("No fast tokenizer available")
-        enc = self._fast.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            enc = self._encoding(text, add_special_tokens, release_gil)
+        except Exception as err:
+            raise ValidationError(f"tokenizer error {err}") from err
         return [
             {"id": i, "text": text[start:stop], "start": start, "stop": stop}
             for i, (start, stop) in zip(enc.ids, enc.offsets)

@@ -11,8 +11,10 @@ from .errors import ValidationError
 from .schemas import GenerateRequest
 from .tokenizer import Tokenizer
 
-# Prompts longer than this are tokenized in a worker thread so the event loop keeps streaming.
+# Prompts longer than this are tokenized in a worker thread (with the GIL released) so the event
+# loop keeps streaming, and only a tail of them when truncation makes the rest irrelevant.
 INLINE_TOKENIZE_CHARS = 4096
+CUT_MARGIN = 16  # tokens near a cut may differ from the whole text's: never count on them
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,27 @@ class Validator:
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) <= INLINE_TOKENIZE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens, True)
+
+    async def count(
+        self, text: str, add_special_tokens: bool, truncate: int | None
+    ) -> tuple[int, list[int] | None]:
+        """(input_length after left truncation, the whole prompt's ids or None when unknown).
+
+        A long prompt whose tail alone has more tokens than it may keep (``truncate``, else
+        ``--max-input-tokens``) is not tokenized whole: a 2 MB prompt costs seconds of CPU."""
+        limit = truncate if truncate is not None else self.limits.max_input_tokens
+        chars = 8 * (limit + CUT_MARGIN) + 256
+        if len(text) > INLINE_TOKENIZE_CHARS and chars < len(text):
+            tail = await asyncio.to_thread(self.tokenizer.encode, text[-chars:], False, True)
+            if len(tail) > limit + CUT_MARGIN:  # so the whole prompt has more than `limit`
+                if truncate is not None:
+                    return truncate, None
+                raise ValidationError(
+                    f"`inputs` must have less than {limit} tokens. Given: more than {limit}"
+                )
+        ids = await self.encode(text, add_special_tokens)
+        return (len(ids) if truncate is None else min(len(ids), truncate)), ids
 
     async def validate(self, request: GenerateRequest) -> ValidRequest:
         lim = self.limits
@@ -100,8 +122,9 @@ class Validator:
         if p.grammar is not None:
             raise ValidationError("grammar is not supported")
 
-        ids = await self.encode(request.inputs, request.add_special_tokens)
-        input_length = min(len(ids), truncate) if truncate is not None else len(ids)
+        input_length, ids = await self.count(request.inputs, request.add_special_tokens, truncate)
+        if input_length == 0:
+            raise ValidationError("`inputs` cannot be empty (it has no token once tokenized)")
         if p.max_new_tokens is not None:
             max_new_tokens = p.max_new_tokens
         else:
@@ -144,6 +167,6 @@ class Validator:
             # shard computes every prompt logprob). Truncated prompts get none either: the shard
             # truncates with its own tokenizer, and a key must be exactly the shard's ids.
             input_ids=None
-            if p.decoder_input_details or len(ids) != input_length
+            if p.decoder_input_details or ids is None or len(ids) != input_length
             else tuple(ids),
         )

@@ -8,18 +8,22 @@ first step and decodes afterwards, and only decoding batches are ever concatenat
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from loguru import logger
+from torch import Tensor
 
 from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .errors import InvalidRequestError
+from .prompt import text_of, tokenize_prompt
 from .sampling import SamplingParams, TokenChooser
 from .stopping import IncrementalDetokenizer, StoppingCriteria
 
 WARMUP_EXTRA_TOKENS = 2  # warmup runs a prefill and one decode step: prompt + 2 slots
+FLOAT_PARAMETERS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class RequestState:
     top_n: int
     prefill_logprobs: bool
     owned: bool  # this rank returns the request's Generations (request.id % world_size == rank)
+    # slots[:kv_len] as a tensor: every KV slot this request reads or writes (overlap checks)
+    slot_tensor: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     prefilled: bool = False
     finished: bool = False
     generated: list[int] = field(default_factory=list)
@@ -60,6 +66,19 @@ class RequestState:
     def input_length(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def kv_len(self) -> int:
+        """Positions this request can ever hold: prompt + max_new_tokens - 1."""
+        return self.input_length + self.stopping.max_new_tokens - 1
+
+    def written_slots(self, block_size: int) -> Tensor:
+        """The slots this request's forward passes write, from the first block it does not share
+        (positions before ``cache_len`` are a reused prefix; with a whole-prompt match the router
+        sends ``cache_len = prompt - 1``, which rewrites one position of a shared block with the
+        same KV, so that block is left out)."""
+        first = -(-self.cache_len // block_size) * block_size
+        return self.slot_tensor[first:]
+
     def next_query(self) -> tuple[list[int], int]:
         """Tokens of the next forward pass and the position of the first of them."""
         if not self.prefilled:
@@ -67,31 +86,18 @@ class RequestState:
         return self.all_ids[-1:], len(self.all_ids) - 1
 
 
-def _text_of(request: pb.Request) -> str:
-    """Concatenate the text chunks; images are ignored (text-only models)."""
-    if request.HasField("input_chunks") and request.input_chunks.chunks:
-        texts = []
-        for chunk in request.input_chunks.chunks:
-            if chunk.WhichOneof("chunk") == "text":
-                texts.append(chunk.text)
-            else:
-                logger.debug(f"request {request.id}: ignoring a non-text input chunk")
-        return "".join(texts)
-    return request.inputs
-
-
-def _tokenize(ctx: BatchContext, request: pb.Request, text: str) -> list[int]:
-    kwargs = {"add_special_tokens": request.add_special_tokens}
-    if request.truncate > 0:
-        kwargs.update(truncation=True, max_length=request.truncate)
-    return list(ctx.tokenizer(text, **kwargs)["input_ids"])
-
-
-def _check_kv(ctx: BatchContext, r: pb.Request, prompt_len: int, max_new: int) -> None:
-    """The router's blocks/slots must hold every position this request will write."""
+def _check_kv(ctx: BatchContext, r: pb.Request, prompt_len: int, max_new: int) -> Tensor:
+    """The router's blocks/slots must hold every position this request will write, inside the
+    KV pool; returns ``slots[:prompt_len + max_new - 1]`` as a tensor."""
     need = prompt_len + max_new - 1
     slots = torch.tensor(list(r.slots), dtype=torch.int64)
     blocks = torch.tensor(list(r.blocks), dtype=torch.int64)
+    num_blocks = ctx.num_slots // ctx.block_size
+    if len(blocks) and int(blocks.max()) >= num_blocks:
+        raise InvalidRequestError(
+            f"request {r.id}: block {int(blocks.max())} is outside the KV pool of {num_blocks} blocks "
+            f"(ids 0..{num_blocks - 1})"
+        )
     if len(slots) < need:
         raise InvalidRequestError(
             f"request {r.id}: {len(slots)} KV slots cannot hold the prompt ({prompt_len} tokens) "
@@ -114,6 +120,41 @@ def _check_kv(ctx: BatchContext, r: pb.Request, prompt_len: int, max_new: int) -
             f"request {r.id}: slot {int(slots[bad])} at position {bad} is not in block "
             f"{int(blocks[block_idx[bad]])} (slot = block * {ctx.block_size} + offset)"
         )
+    return slots[:need]
+
+
+def request_parameters(r: pb.Request) -> SamplingParams:
+    """The request's sampling parameters, or InvalidRequestError naming it when the shard cannot
+    serve them (non-finite or impossible values, a grammar, max_new_tokens 0). The launcher's
+    validation must refuse all of these first: the protocol has no per-request error, so one
+    refused request fails its whole Prefill."""
+    p = r.parameters
+    for name in FLOAT_PARAMETERS:
+        value = getattr(p, name)
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"request {r.id}: {name}={value} is not a finite number")
+    params = SamplingParams(
+        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
+        do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
+        frequency_penalty=p.frequency_penalty, watermark=p.watermark,
+    )
+    try:
+        params.validate()
+    except ValueError as err:
+        raise InvalidRequestError(f"request {r.id}: {err}") from None
+    if p.grammar:
+        raise InvalidRequestError(
+            f"request {r.id}: grammar-constrained generation is not supported by this shard; "
+            "send no grammar (start the router with --disable-grammar-support)"
+        )
+    max_new = r.stopping_parameters.max_new_tokens
+    if max_new < 1:
+        raise InvalidRequestError(f"request {r.id}: max_new_tokens must be at least 1, got {max_new}")
+    return params
+
+
+def _duplicates(ids: list[int]) -> list[int]:
+    return sorted(i for i, n in Counter(ids).items() if n > 1)
 
 
 def _warmup_kv(requests: list[RequestState], block_size: int) -> None:
@@ -136,28 +177,17 @@ class Batch:
     def from_pb(cls, batch: pb.Batch, ctx: BatchContext, warmup: bool = False) -> Batch:
         if not batch.requests:
             raise InvalidRequestError(f"batch {batch.id} has no requests")
+        dup = _duplicates([r.id for r in batch.requests])
+        if dup and not warmup:  # warmup requests all have id 0
+            raise InvalidRequestError(
+                f"batch {batch.id} holds request id(s) {dup} more than once; request ids must be unique"
+            )
         states = []
         for r in batch.requests:
-            p = r.parameters
-            params = SamplingParams(
-                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
-                do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
-                frequency_penalty=p.frequency_penalty, watermark=p.watermark,
-            )
-            try:
-                params.validate()
-            except ValueError as err:
-                raise InvalidRequestError(f"request {r.id}: {err}") from None
-            if p.grammar:
-                raise InvalidRequestError(
-                    f"request {r.id}: grammar-constrained generation is not supported by this shard; "
-                    "send no grammar (start the router with --disable-grammar-support)"
-                )
+            params = request_parameters(r)
             max_new = r.stopping_parameters.max_new_tokens
-            if max_new < 1:
-                raise InvalidRequestError(f"request {r.id}: max_new_tokens must be at least 1, got {max_new}")
-            text = _text_of(r)
-            ids = _tokenize(ctx, r, text) if text else []
+            text = text_of(r)
+            ids = tokenize_prompt(ctx.tokenizer, r, text, ctx.max_input_tokens, warmup) if text else []
             if not ids:
                 raise InvalidRequestError(f"request {r.id}: the prompt is empty; send at least one token")
             if ctx.max_input_tokens is not None and len(ids) > ctx.max_input_tokens and not warmup:
@@ -169,8 +199,9 @@ class Batch:
                 raise InvalidRequestError(
                     f"request {r.id}: cache_len={r.cache_len} must be smaller than the prompt ({len(ids)} tokens)"
                 )
+            slot_tensor = torch.empty(0, dtype=torch.int64)
             if not warmup:
-                _check_kv(ctx, r, len(ids), max_new)
+                slot_tensor = _check_kv(ctx, r, len(ids), max_new)
             states.append(
                 RequestState(
                     id=r.id,
@@ -190,6 +221,7 @@ class Batch:
                     top_n=r.top_n_tokens,
                     prefill_logprobs=r.prefill_logprobs,
                     owned=r.id % ctx.world_size == ctx.rank,
+                    slot_tensor=slot_tensor,
                 )
             )
         if warmup:
@@ -219,6 +251,11 @@ class Batch:
             raise InvalidRequestError(f"batch {self.id} has no request(s) {missing}")
         if not request_ids:
             raise InvalidRequestError(f"FilterBatch for batch {self.id} keeps no request; use ClearCache")
+        dup = _duplicates(request_ids)
+        if dup:
+            raise InvalidRequestError(
+                f"FilterBatch for batch {self.id} lists request id(s) {dup} more than once; list each once"
+            )
         keep = [index[i] for i in request_ids]
         return Batch(self.id, [self.requests[i] for i in keep], self.chooser.filter(keep))
 
@@ -227,6 +264,11 @@ class Batch:
         """Merge decoding batches in order; the first batch's id is kept (as TGI)."""
         if any(b.is_prefill for b in batches):
             raise ValueError("only batches that finished their prefill can be concatenated")
+        dup = _duplicates([r.id for b in batches for r in b.requests])
+        if dup:
+            raise InvalidRequestError(
+                f"batches {[b.id for b in batches]} share request id(s) {dup}; a request lives in one batch"
+            )
         requests = [r for b in batches for r in b.requests]
         return cls(batches[0].id, requests, TokenChooser.concatenate([b.chooser for b in batches]))
 

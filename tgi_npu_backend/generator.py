@@ -2,9 +2,12 @@
 
 Protocol facts this class keeps (see shared/tgi/PROTOCOL.md section 0):
 * the warmup batch (all ids 0, no blocks) runs on a temporary KV cache and is not cached;
-* the KV pool is sized once by warmup and persists across batches and ClearCache;
+* the KV pool is sized once, by the first warmup, and persists across batches, ClearCache and
+  later warmups (which run their batch and check their limits against it);
 * Prefill/Decode return the batch still holding just-finished requests (the router filters);
-* an unknown batch id in Decode/FilterBatch is an error that changes nothing; in ClearCache a no-op;
+* every RPC applies completely or changes nothing: bad ids, duplicates and clashing KV slots are
+  refused before anything moves (``batch_cache``); a failed Warmup leaves pool and batches as
+  they were; a Decode whose forward pass fails leaves its batches cached;
 * each request's Generation is produced by exactly one rank (``request.id % world_size``);
   every rank keeps every request (the forward pass is collective) and sizes one KV pool.
 """
@@ -21,8 +24,9 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 
 from . import device as devices
 from .batch import Batch, BatchContext
+from .batch_cache import BatchCache
 from .distributed import ParallelContext
-from .errors import BatchNotFoundError, InvalidRequestError, is_device_oom
+from .errors import InvalidRequestError, is_device_oom
 from .kv_cache import KVCache, KVCacheSpec
 from .model_runner import ModelRunner
 from .outputs import GeneratedText, Generation, StepOutput, Tokens
@@ -73,7 +77,8 @@ class Generator:
         self.prefix_caching = prefix_caching
         self.runner = ModelRunner(model, device)
         self.kv_cache: KVCache | None = None
-        self.cache: dict[int, Batch] = {}
+        self.cache = BatchCache()
+        self._advancing = False  # set once a step starts changing its requests (see decode)
         self.special_ids = frozenset(tokenizer.all_special_ids)
 
     # ------------------------------------------------------------------ info
@@ -96,24 +101,11 @@ class Generator:
 
     # ------------------------------------------------------------------ batch cache
     def clear(self, batch_id: int | None) -> None:
-        if batch_id is None:
-            self.cache.clear()
-        else:
-            self.cache.pop(batch_id, None)
-
-    def _take(self, batch_ids: list[int]) -> list[Batch]:
-        missing = [i for i in batch_ids if i not in self.cache]
-        if missing:
-            raise BatchNotFoundError(
-                f"batch id(s) {missing} are not cached on this shard (cached: {sorted(self.cache)})"
-            )
-        return [self.cache.pop(i) for i in batch_ids]
+        self.cache.clear(batch_id)
 
     def filter(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch:
-        if batch_id not in self.cache:
-            raise BatchNotFoundError(f"FilterBatch: batch {batch_id} is not cached on this shard")
-        batch = self.cache[batch_id].filter(request_ids)  # raises before changing anything
-        self.cache[batch_id] = batch
+        batch = self.cache.get(batch_id, "FilterBatch").filter(request_ids)  # raises first
+        self.cache.put(batch)
         return batch.to_pb(self.block_size)
 
     def _context(self, warmup: bool) -> BatchContext:
@@ -136,13 +128,12 @@ class Generator:
         if self.kv_cache is None:
             raise InvalidRequestError("Prefill before Warmup: the KV pool is sized by Warmup; call it first")
         batch = Batch.from_pb(batch_pb, self._context(warmup=False))
+        self.cache.check_new(batch, self.kv_cache.num_slots, self.block_size)
         return self._step(batch, start, concat_ns=None)
 
     def decode(self, batch_ids: list[int]) -> StepOutput:
         start = _now()
-        if not batch_ids:
-            raise InvalidRequestError("Decode needs at least one batch")
-        batches = self._take(batch_ids)
+        batches = self.cache.for_decode(batch_ids)  # checked; still cached
         concat_ns = None
         if len(batches) > 1:
             t = _now()
@@ -153,22 +144,34 @@ class Generator:
         live = [r.id for r in batch.requests if not r.finished]
         if len(live) < len(batch):  # the router filters finished requests; be safe if it did not
             batch = batch.filter(live)
-        return self._step(batch, start, concat_ns)
+        return self._step(batch, start, concat_ns, replaces=batch_ids)
 
-    def _step(self, batch: Batch, start: int, concat_ns: int | None) -> StepOutput:
-        generations, next_batch, forward_ns, decode_ns = self.generate_token(batch, self.kv_cache)
+    def _step(
+        self, batch: Batch, start: int, concat_ns: int | None, replaces: list[int] = ()
+    ) -> StepOutput:
+        """One step; on success the batches ``replaces`` leave the cache and the result enters.
+        A failure before any request changed (the forward pass) leaves the cache as it was; a
+        later one drops those batches, whose requests moved part-way (the router clears them)."""
+        self._advancing = False
+        try:
+            generations, next_batch, forward_ns, decode_ns = self.generate_token(batch, self.kv_cache)
+        except BaseException:
+            if self._advancing:
+                self.cache.remove(list(replaces))
+            raise
+        self.cache.remove(list(replaces))
         cached = None
         if next_batch is not None:
-            self.cache[next_batch.id] = next_batch
+            self.cache.put(next_batch)
             cached = next_batch.to_pb(self.block_size)
         return StepOutput(generations, cached, forward_ns, decode_ns, _now() - start, concat_ns)
 
     def warmup(
         self, batch_pb: pb.Batch, max_input: int | None, max_prefill: int, max_total: int | None
     ) -> tuple[int, int, int]:
-        """Run the router's warmup batch on a temporary cache, then size the persistent KV pool."""
-        self.cache.clear()
-        self.kv_cache = None  # a repeated Warmup (router restart) re-sizes the pool
+        """Run the router's warmup batch on a temporary cache, then size the persistent KV pool
+        (first Warmup only). Limits are checked before anything is kept, so a Warmup that fails
+        leaves the pool, the cached batches and the limits as they were."""
         self.platform.empty_cache()
         batch = Batch.from_pb(batch_pb, self._context(warmup=True), warmup=True)
         temp_blocks = max(b for r in batch.requests for b in r.blocks) + 1
@@ -189,13 +192,19 @@ class Generator:
         del temp, batch
         self.platform.empty_cache()
 
-        num_blocks = self.kv_spec.blocks_for(self.platform.kv_cache_budget(self.kv_cache_fraction))
-        # NOTE: free memory differs between ranks; all must report (and allocate) one capacity,
-        # and every other choice below is derived from it and from identical flags.
-        num_blocks = self.parallel.all_reduce_min(num_blocks, self.device)
-        self.kv_cache = KVCache(self.kv_spec, num_blocks, self.backend, self.device)
-        capacity = self.kv_cache.num_slots
+        if self.kv_cache is not None:
+            # NOTE: a repeated Warmup (a router restart) keeps the pool: it was sized with the
+            # model loaded and nothing has changed since; re-sizing would drop cached batches.
+            num_blocks = self.kv_cache.num_blocks
+        else:
+            num_blocks = self.kv_spec.blocks_for(self.platform.kv_cache_budget(self.kv_cache_fraction))
+            # NOTE: free memory differs between ranks; all must report (and allocate) one
+            # capacity, and every other choice below is derived from it and from identical flags.
+            num_blocks = self.parallel.all_reduce_min(num_blocks, self.device)
+        capacity = num_blocks * self.block_size
         max_input, max_total = self._limits(max_input, max_prefill, max_total, capacity)
+        if self.kv_cache is None:
+            self.kv_cache = KVCache(self.kv_spec, num_blocks, self.backend, self.device)
         self.max_input_tokens = max_input
         logger.info(
             f"KV pool: {num_blocks} blocks x {self.block_size} tokens = {capacity} tokens "
@@ -234,7 +243,8 @@ class Generator:
         start = _now()
         was_prefill = batch.is_prefill
         out = self.runner.forward(batch, kv_cache)
-        next_ids, logprobs = batch.chooser(out.next_logits, [r.all_ids for r in batch.requests])
+        self._advancing = True  # sampling draws from the requests' generators: no way back
+        next_ids, logprobs = self.runner.choose(batch, out.next_logits)
         chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1)
         tops = None
         if any(r.top_n > 0 for r in batch.requests):

@@ -107,8 +107,15 @@ async def serve_async(config: ServerConfig, generator: Generator) -> bool:
     reflection.enable_server_reflection(names, server)
     if os.path.exists(config.socket_path):
         os.unlink(config.socket_path)  # a stale socket from an earlier run
-    server.add_insecure_port(f"unix://{config.socket_path}")
-    await server.start()  # the socket file appears now: the launcher's readiness signal
+    # The socket is the shard's whole API (ClearCache included): owner-only whatever the umask.
+    # gRPC binds (and creates the file) in add_insecure_port, so the umask covers its creation.
+    umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix://{config.socket_path}")  # the launcher's readiness signal
+    finally:
+        os.umask(umask)
+    os.chmod(config.socket_path, 0o600)
+    await server.start()
     logger.info(f"Server started at unix://{config.socket_path}")
     await stop.wait()
     generator.parallel.shutdown()  # peers are going down too: stop watching them

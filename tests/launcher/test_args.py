@@ -20,7 +20,7 @@ def test_defaults_match_text_generation_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flag", ["--quantize", "--speculate", "--lora-adapters", "--api-key", "--kv-cache-dtype"]
+    "flag", ["--quantize", "--speculate", "--lora-adapters", "--ngrok", "--kv-cache-dtype"]
 )
 def test_unsupported_flags_are_refused_by_name(flag):
     with pytest.raises(RefusedFlag, match=f"does not support {flag}"):
@@ -151,3 +151,28 @@ def test_shard_json_log_lines_are_reemitted_at_their_level(caplog):
     assert noise.levelno == logging.DEBUG
     line = JsonFormatter().format(warn)
     assert '"level": "WARNING"' in line and '"rank": 0' in line
+
+
+@pytest.mark.parametrize(
+    "var, value",
+    [("QUANTIZE", "awq"), ("SPECULATE", "2"), ("KV_CACHE_DTYPE", "fp8"), ("LORA_ADAPTERS", "a"),
+     ("NGROK", "true"), ("TOKENIZER_CONFIG_PATH", "/t.json")],
+)
+def test_env_form_of_refused_flags_is_refused(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(RefusedFlag, match=f"{var}='{value}' \\(the environment form of --"):
+        parse_args([])
+
+
+def test_api_key_and_cors_from_flags_and_env(monkeypatch):
+    monkeypatch.setenv("NGROK", "false")  # off: nothing to refuse
+    monkeypatch.setenv("NGROK_AUTHTOKEN", "tok")  # does nothing without NGROK
+    monkeypatch.setenv("API_KEY", "from-env")
+    monkeypatch.setenv("CORS_ALLOW_ORIGIN", "http://a.example, http://b.example")
+    a = parse_args([])
+    assert a.api_key == "from-env" and "from-env" not in repr(a)  # never printed (--env)
+    assert a.cors_allow_origin == ("http://a.example", "http://b.example")
+    a = parse_args(["--api-key", "k", "--cors-allow-origin", "http://c", "--cors-allow-origin", "d"])
+    assert a.api_key == "k" and a.cors_allow_origin == ("http://c", "d")
+    with pytest.raises(RefusedFlag, match="graceful-termination-timeout"):
+        parse_args(["--graceful-termination-timeout", "-1"])
