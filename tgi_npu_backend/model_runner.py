@@ -4,6 +4,13 @@ The LM head is applied only where logits are used: each request's last position,
 prompt position only for requests that asked for prompt logprobs (and then in chunks, reduced to
 the logprob of the next prompt token at once) — with a 250k vocabulary the LM head over every
 prompt token costs more than the rest of the model.
+
+Decode steps are built incrementally: a decoding batch keeps its block table, positions and the
+token ids its last step chose as tensors (``DecodeInputs``), and each step moves every request one
+position on with a few ``[B]``-sized tensor ops. Nothing is rebuilt from the requests' Python
+lists unless the batch changed (prefill, filter, concatenate), and no step reads a device tensor
+back to the host: the host copies of the lengths that the NPU kernels take are advanced on the
+host.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from torch import Tensor
 from tgi_npu_backend.kernels import AttentionMetadata
 from tgi_npu_backend.models.base import CausalLM
 
-from .batch import Batch
+from .batch import Batch, RequestState
 from .kv_cache import KVCache
 
 PROMPT_LOGPROB_CHUNK = 512  # prompt positions per LM-head call when computing prompt logprobs
@@ -30,12 +37,68 @@ class StepLogits:
     prompt_logprobs: list[Tensor | None]
 
 
+@dataclass
+class DecodeInputs:
+    """A decoding batch's step inputs, carried from one step to the next.
+
+    ``requests`` is the batch's own list object: a filtered or concatenated batch has a new list,
+    and gets new inputs. ``first_len`` (``len(all_ids)`` of the first request when the step was
+    built) catches a step whose tokens were never appended.
+    """
+
+    requests: list[RequestState]
+    block_tables: Tensor  # [B, max_blocks] int32 (device), fixed for the batch's life
+    positions: Tensor  # [B] int64 (device), position of each request's token in this step
+    positions_host: Tensor  # [B] int64, the same on the host (the kernels' host length lists)
+    max_seq_len: int  # max(positions) + 1
+    cu_seqlens_q: Tensor  # [B + 1] int32 (device), 0..B
+    query_lens: list[int]  # [1] * B
+    first_len: int
+    input_ids: Tensor  # [B] int64 (device), this step's tokens
+    next_ids: Tensor | None = None  # [B] int64 (device), the tokens this step chose
+
+    def advanced(self) -> DecodeInputs:
+        """The next step's inputs: one position on, the chosen tokens as input."""
+        assert self.next_ids is not None
+        return DecodeInputs(
+            requests=self.requests,
+            block_tables=self.block_tables,
+            positions=self.positions + 1,
+            positions_host=self.positions_host + 1,
+            max_seq_len=self.max_seq_len + 1,
+            cu_seqlens_q=self.cu_seqlens_q,
+            query_lens=self.query_lens,
+            first_len=self.first_len + 1,
+            input_ids=self.next_ids,
+        )
+
+    def metadata(self, block_size: int) -> AttentionMetadata:
+        pos = self.positions
+        block = self.block_tables.gather(1, (pos // block_size)[:, None]).squeeze(1)
+        return AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=block.long() * block_size + pos % block_size,
+            block_tables=self.block_tables,
+            seq_lens=(pos + 1).int(),
+            context_lens=pos.int(),
+            cu_seqlens_q=self.cu_seqlens_q,
+            max_seqlen_q=1,
+            max_seqlen_k=self.max_seq_len,
+            block_size=block_size,
+            seq_lens_list=(self.positions_host + 1).tolist(),
+            context_lens_list=self.positions_host.tolist(),
+            query_lens_list=self.query_lens,
+        )
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device):
         self.model = model
         self.device = device
+        self._decode: DecodeInputs | None = None  # the last decode step's inputs
 
     def prepare(self, batch: Batch, block_size: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Inputs of a step built from the requests (every prefill; a decode whose batch changed)."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -61,17 +124,52 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         return input_ids, pos, meta
 
+    def decode_inputs(self, batch: Batch, block_size: int) -> tuple[DecodeInputs, AttentionMetadata]:
+        """This decode step's inputs: the last step's advanced when it was this batch's, else
+        built from the requests."""
+        last, reqs = self._decode, batch.requests
+        if (
+            last is not None
+            and last.requests is reqs
+            and last.next_ids is not None
+            and len(reqs[0].all_ids) == last.first_len + 1
+        ):
+            step = last.advanced()
+            return step, step.metadata(block_size)
+        input_ids, positions, meta = self.prepare(batch, block_size)
+        step = DecodeInputs(
+            requests=reqs,
+            block_tables=meta.block_tables,
+            positions=positions,
+            positions_host=torch.tensor(meta.context_lens_list, dtype=torch.int64),
+            max_seq_len=meta.max_seqlen_k,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            query_lens=meta.query_lens_list,
+            first_len=len(reqs[0].all_ids),
+            input_ids=input_ids,
+        )
+        return step, meta
+
     @torch.inference_mode()
     def forward(self, batch: Batch, kv_cache: KVCache) -> StepLogits:
-        input_ids, positions, meta = self.prepare(batch, kv_cache.block_size)
+        if batch.is_prefill:
+            input_ids, positions, meta = self.prepare(batch, kv_cache.block_size)
+            step = None
+        else:
+            step, meta = self.decode_inputs(batch, kv_cache.block_size)
+            input_ids, positions = step.input_ids, step.positions
         hidden = self.model(input_ids, positions, kv_cache.caches, meta)  # [T, hidden]
+        # kept only once the forward pass ran: a Decode that fails is retried from the same inputs
+        self._decode = step
+        if step is not None:  # one token per request: every position is a last position
+            return StepLogits(self.model.compute_logits(hidden), [None] * len(batch))
         ends = meta.cu_seqlens_q[1:].long() - 1  # [B] last token of each sequence
         next_logits = self.model.compute_logits(hidden[ends])
 
         prompt_logprobs: list[Tensor | None] = []
-        offsets = meta.cu_seqlens_q.tolist()
+        offsets = meta.cu_seqlens_q_list
         for i, r in enumerate(batch.requests):
-            if not (batch.is_prefill and r.prefill_logprobs):
+            if not r.prefill_logprobs:
                 prompt_logprobs.append(None)
                 continue
             start, end = offsets[i], offsets[i + 1]
@@ -79,6 +177,14 @@ class ModelRunner:
             targets = input_ids[start + 1 : end]
             prompt_logprobs.append(self._token_logprobs(hidden[start : end - 1], targets))
         return StepLogits(next_logits=next_logits, prompt_logprobs=prompt_logprobs)
+
+    def choose(self, batch: Batch, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's token chooser on ``logits``; the chosen ids (still on the device) become
+        the next decode step's input."""
+        next_ids, logprobs = batch.chooser(logits, [r.all_ids for r in batch.requests])
+        if self._decode is not None and self._decode.requests is batch.requests:
+            self._decode.next_ids = next_ids
+        return next_ids, logprobs
 
     def _token_logprobs(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """log p(targets[i] | position i) for ``hidden`` [n, h], chunked over positions."""
