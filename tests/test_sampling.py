@@ -330,3 +330,23 @@ def test_top_n_tokens_matches_per_row_oracle():
         nth = sorted(row, reverse=True)[n - 1]
         expected = sorted((i for i, v in enumerate(row) if v >= nth), key=lambda i: (-row[i], i))
         assert ids == expected and values == [row[i] for i in expected]
+
+
+def test_all_greedy_fast_path_equals_the_general_path():
+    """An all-greedy batch with no processor skips them all: same ids and logprobs as the
+    general path; any processor or sampling row in the batch turns the fast path off."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    chooser = TokenChooser([SamplingParams()] * 5)
+    assert chooser._plain_greedy
+    fast = chooser(logits, [[1, 2]] * 5)
+    chooser._plain_greedy = False
+    general = chooser(logits, [[1, 2]] * 5)
+    assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+    for other in (
+        SamplingParams(repetition_penalty=1.2),
+        SamplingParams(frequency_penalty=0.5),
+        SamplingParams(watermark=True),
+        SamplingParams(do_sample=True),
+        SamplingParams(top_k=5),
+    ):
+        assert not TokenChooser([SamplingParams(), other])._plain_greedy

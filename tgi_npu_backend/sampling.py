@@ -152,6 +152,18 @@ class TokenChooser:
         self._sampling_index = torch.tensor(
             self._sampling_rows, dtype=torch.int64, device=self.device
         )
+        # Which processors any row uses, decided once per batch (not once per step).
+        self._watermark = any(p.watermark for p in params)
+        self._repetition_on = any(p.repetition_penalty != 1.0 for p in params)
+        self._frequency_on = any(p.frequency_penalty != 0.0 for p in params)
+        self._temperature_on = any(p.temperature != 1.0 for p in params)
+        self._max_top_k = max(p.top_k for p in params)
+        self._top_p_any = any(p.top_p < 1.0 for p in params)
+        self._typical_any = any(p.typical_p < 1.0 for p in params)
+        # Greedy with nothing to apply: argmax and log_softmax of the logits, nothing else.
+        self._plain_greedy = not (
+            self._sampling_rows or self._watermark or self._repetition_on or self._frequency_on
+        )
 
     def __len__(self) -> int:
         return len(self.params)
@@ -175,20 +187,19 @@ class TokenChooser:
             )
         # [B, V]; every step below is out of place: the caller's logits are never modified.
         scores = logits.to(device=self.device, dtype=torch.float32)
-        params = self.params
-        if any(p.watermark for p in params):
+        if self._plain_greedy:  # the all-greedy fast path: no processor, no warper applies
+            return scores.argmax(dim=-1), torch.log_softmax(scores, dim=-1)
+        if self._watermark:
             scores = scores + self.watermark_delta * self._green_mask(input_ids, vocab)
-        use_rep = any(p.repetition_penalty != 1.0 for p in params)
-        use_freq = any(p.frequency_penalty != 0.0 for p in params)
-        if use_rep or use_freq:
+        if self._repetition_on or self._frequency_on:
             counts, lengths = self._token_counts(input_ids, vocab)  # [B, V], [B, 1]
-            if use_rep:
+            if self._repetition_on:
                 # TGI/HF: a token already in the sequence: logit < 0 -> * penalty, else / penalty.
                 penalised = torch.where(
                     scores < 0, scores * self._repetition, scores / self._repetition
                 )
                 scores = torch.where(counts > 0, penalised, scores)
-            if use_freq:
+            if self._frequency_on:
                 # TGI HeterogeneousFrequencyPenaltyLogitsProcessor (utils/logits_process.py):
                 # logit -= penalty * count / len. NOTE: TGI counts over the batch's padded
                 # [B, max_len] tensor (len = the batch's width, padding counted as token 0); we
@@ -231,14 +242,13 @@ class TokenChooser:
 
     def _warp(self, scores: Tensor) -> Tensor:
         """Temperature, top-k, top-p, typical-p; each only on the rows that set it."""
-        params = self.params
-        if any(p.temperature != 1.0 for p in params):
+        if self._temperature_on:
             scores = scores / self._temperature
-        if any(p.top_k != 0 for p in params):
-            scores = warpers.top_k(scores, self._top_k, self._top_k_on, max(p.top_k for p in params))
-        if any(p.top_p < 1.0 for p in params):
+        if self._max_top_k:
+            scores = warpers.top_k(scores, self._top_k, self._top_k_on, self._max_top_k)
+        if self._top_p_any:
             scores = warpers.top_p(scores, self._top_p_opposite, self._top_p_on)
-        if any(p.typical_p < 1.0 for p in params):
+        if self._typical_any:
             scores = warpers.typical(scores, self._typical_p, self._typical_on)
         return scores
 
