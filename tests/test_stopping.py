@@ -205,3 +205,16 @@ def test_final_text_that_does_not_extend_the_stream_falls_back_to_the_stream():
     assert detok.final_text() == "abc"  # not TGI's "ABC", which would contradict the stream
     with pytest.raises(RuntimeError, match="after finish"):
         detok.step(0, False)
+
+
+def test_fast_decode_equals_the_tokenizers_decode(tokenizer):
+    """The detokenizer calls the Rust tokenizer directly; it must decode as HF's decode does
+    (random ids: specials, byte pieces that split UTF-8 characters)."""
+    import random
+
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert detok._fast_decode is not None
+    rng = random.Random(0)
+    for n in range(1, 60):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(n)]
+        assert detok._decode(ids) == decode(tokenizer, ids)

@@ -116,8 +116,15 @@ class IncrementalDetokenizer:
         self._streamed = ""  # concatenation of the non-special pieces returned so far
         self._settled: tuple[str, str] | None = None  # (final text, remainder), until next step
         self._finished = False
+        # NOTE: for a fast tokenizer, HF's decode(..., clean_up_tokenization_spaces=False) is its
+        # Rust tokenizer's decode behind argument handling that costs twice the decode itself
+        # (transformers 5 TokenizersBackend._decode); two decodes per request per step add up.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast_decode = getattr(backend, "decode", None)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(
             ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
