@@ -58,6 +58,10 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     context_lens_list: list[int]
     query_lens_list: list[int]
+    # Prefill only: when two tokens of the pass map to one slot (two identical prompts whose
+    # blocks the prefix cache shares, each recomputing the last position), the rows to store:
+    # the first token of each slot. None when every slot is distinct (always in decode).
+    store_rows: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -112,7 +116,20 @@ class AttentionMetadata:
             seq_lens_list=seq_lens,
             context_lens_list=list(context_lens),
             query_lens_list=list(query_lens),
+            store_rows=_first_of_each_slot(slot_mapping) if is_prefill else None,
         )
+
+
+def _first_of_each_slot(slots: list[int]) -> list[int] | None:
+    if len(set(slots)) == len(slots):
+        return None
+    seen: set[int] = set()
+    rows = []
+    for i, s in enumerate(slots):
+        if s not in seen:
+            seen.add(s)
+            rows.append(i)
+    return rows
 
 
 def _host_to_device(device: torch.device):

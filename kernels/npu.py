@@ -111,6 +111,13 @@ class NpuObserver(Protocol):
     def record_mask(self, name: str, tensor: Tensor) -> None: ...
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor to the device without blocking the host (pinned, non_blocking)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _torch_npu() -> Any:
     import torch_npu
 
@@ -150,7 +157,22 @@ class NpuBackend(ReferenceBackend):
         if key_cache.dtype not in _FUSED_DTYPES:
             self._fallback("store_kv", f"{key_cache.dtype} KV cache (ATB takes fp16/bf16)")
             return super().store_kv(key, value, key_cache, value_cache, meta)
-        slots = self._cached(meta, ("slots",), lambda: meta.slot_mapping.to(torch.int32))
+        # NOTE: the runner never emits -1 ("don't store") slots on this path; the op's docs say
+        # nothing about negative slots (op-plugin's golden skips them), so none are passed.
+        # Slots must be unique (concurrent writes to one slot race on the device): when a
+        # prefill pass maps two tokens to one slot (identical prompts sharing prefix-cache
+        # blocks; both hold the same K/V there), only the first of each is stored.
+        if meta.store_rows is not None:
+            rows = self._cached(
+                meta, ("store_rows",),
+                lambda: _to_device(torch.tensor(meta.store_rows, dtype=torch.int64), key.device),
+            )
+            key, value = key.index_select(0, rows), value.index_select(0, rows)
+            slots = self._cached(
+                meta, ("slots",), lambda: meta.slot_mapping.index_select(0, rows).to(torch.int32)
+            )
+        else:
+            slots = self._cached(meta, ("slots",), lambda: meta.slot_mapping.to(torch.int32))
         _torch_npu()._npu_reshape_and_cache(
             key.contiguous(), value.contiguous(), key_cache, value_cache, slots
         )
@@ -298,12 +320,13 @@ class NpuBackend(ReferenceBackend):
             self._fallback("rotary", f"{query.dtype} activations")
             return super().rotary(query, key, cos, sin)
         torch_npu = _torch_npu()
-        # npu_rotary_mul takes 4-D input; [T, H, D] -> [T, 1, H, D] (BSND with S = 1) and
-        # cos/sin [T, 1, D] -> [T, 1, 1, D], broadcast over heads.
-        r1, r2 = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = torch_npu.npu_rotary_mul(query.unsqueeze(1).contiguous(), r1, r2, rotary_mode="half")
-        k = torch_npu.npu_rotary_mul(key.unsqueeze(1).contiguous(), r1, r2, rotary_mode="half")
-        return q.squeeze(1), k.squeeze(1)
+        # npu_rotary_mul takes 4-D input: [T, H, D] -> [1, T, H, D] (BSND, B = 1) with cos/sin
+        # [T, 1, D] -> [1, T, 1, D] (the documented 1S1D broadcast). NOTE: not [T, 1, H, D]:
+        # the 'half' mode documents B < 1000, which a long prefill would exceed.
+        r1, r2 = cos.unsqueeze(0), sin.unsqueeze(0)
+        q = torch_npu.npu_rotary_mul(query.unsqueeze(0).contiguous(), r1, r2, rotary_mode="half")
+        k = torch_npu.npu_rotary_mul(key.unsqueeze(0).contiguous(), r1, r2, rotary_mode="half")
+        return q.squeeze(0), k.squeeze(0)
 
     # --- per-step inputs ------------------------------------------------------------------------
 
@@ -339,10 +362,11 @@ class NpuBackend(ReferenceBackend):
         )
 
     def _token_tables(self, meta: AttentionMetadata) -> tuple[Tensor, Tensor, list[int]]:
-        """Per query token: its sequence's block-table row, and its context length (host)."""
+        """Per query token: its sequence's block-table row, and its context length (a host
+        tensor and list: the ATB ops read lengths on the host)."""
 
         def build() -> tuple[Tensor, Tensor, list[int]]:
-            if not meta.has_prefix and not meta.is_prefill:
+            if not meta.is_prefill:
                 lens_list = list(meta.seq_lens_list)  # decode: one token per sequence
                 table = meta.block_tables
             else:
@@ -350,7 +374,7 @@ class NpuBackend(ReferenceBackend):
                 for i, (ctx, q) in enumerate(zip(meta.context_lens_list, meta.query_lens_list)):
                     lens_list += range(ctx + 1, ctx + q + 1)
                     owners += [i] * q
-                index = torch.tensor(owners, dtype=torch.int64).to(meta.block_tables.device)
+                index = _to_device(torch.tensor(owners, dtype=torch.int64), meta.block_tables.device)
                 table = meta.block_tables.index_select(0, index)
             return table, torch.tensor(lens_list, dtype=torch.int32), lens_list
 
@@ -424,7 +448,7 @@ class NpuBackend(ReferenceBackend):
 
         def build() -> Tensor:
             pos = torch.arange(max(lens), device=device, dtype=torch.float32)
-            last = torch.tensor(lens, dtype=torch.float32).to(device) - 1
+            last = _to_device(torch.tensor(lens, dtype=torch.float32), device) - 1
             rel = pos[None, :] - last[:, None]  # [T, L]
             row = slopes.to(device, torch.float32)[None, :, None] * rel[:, None, :]  # [T, H, L]
             return self._observe_mask("alibi_paged", row[:, :, None, :].to(dtype).contiguous())

@@ -52,3 +52,14 @@ def gemma_gqa_dir(tmp_path_factory):
     return write_checkpoint(
         tmp_path_factory.mktemp("gemma_gqa"), "gemma", seed=3, num_key_value_heads=2, head_dim=24,
     )
+
+
+@pytest.fixture
+def npu_emulated():
+    """torch_npu replaced by the emulation (910B, NNAL present) for one test; yields its state."""
+    from tgi_npu_backend.npu_emulation import EmulationSettings, install, uninstall
+
+    state = install(EmulationSettings())
+    state.reset_counters()
+    yield state
+    uninstall()

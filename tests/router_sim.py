@@ -33,6 +33,7 @@ class Result:
     logprobs: list[float] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     top_tokens: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
     prefill: pb.Tokens | None = None
     generated_text: str | None = None
     finish_reason: int | None = None
@@ -205,6 +206,7 @@ class RouterSim:
             res.logprobs += g.tokens.logprobs
             res.texts += g.tokens.texts
             res.top_tokens += [list(t.ids) for t in g.top_tokens]
+            res.top_logprobs += [list(t.logprobs) for t in g.top_tokens]
             if g.HasField("generated_text"):
                 gt = g.generated_text
                 assert gt.generated_tokens >= 1

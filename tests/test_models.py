@@ -253,9 +253,33 @@ def assert_logprobs_close(mine: Tensor, theirs: Tensor, targets: list[int], what
 
 
 def ours(
-    path: Path, dtype: torch.dtype = torch.float32, parallel: ParallelContext = ParallelContext()
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    parallel: ParallelContext = ParallelContext(),
+    backend=None,
 ) -> CausalLM:
-    return load_model(path, dtype=dtype, device=CPU, backend=get_backend(CPU), parallel=parallel)
+    backend = backend or get_backend(CPU)
+    return load_model(path, dtype=dtype, device=CPU, backend=backend, parallel=parallel)
+
+
+def backend_named(name: str, request):
+    """``reference``: the CPU path; ``npu-emulated``: NpuBackend through the torch_npu emulation,
+    which must not fall back to the reference path anywhere in the scenario."""
+    if name == "reference":
+        return None
+    from tgi_npu_backend.kernels.npu import NpuBackend
+
+    state = request.getfixturevalue("npu_emulated")
+    request.addfinalizer(lambda: _assert_no_fallbacks(state))
+    return NpuBackend(observer=state)
+
+
+def _assert_no_fallbacks(state) -> None:
+    assert not state.fallbacks, f"reference fallbacks on the emulated NPU: {dict(state.fallbacks)}"
+    assert state.calls, "no emulated NPU operator ran"
+
+
+BACKENDS = ["reference", "npu-emulated"]
 
 
 # ---- float32 parity ----------------------------------------------------------------------------
@@ -292,36 +316,46 @@ BF16_MARGIN = 0.5
 MIN_CLEAR = 0.4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("ckpt", CHECKPOINTS)
-def test_bfloat16_tokens_match_hf_where_clear(ckpt, request):
+def test_bfloat16_tokens_match_hf_where_clear(ckpt, backend, request):
     path = request.getfixturevalue(ckpt)
     hf = hf_model(path, torch.bfloat16)
     prompts = make_prompts(512, seed=10 + CHECKPOINTS.index(ckpt))
     hf_runs = [hf_generate(hf, p, n) for p, n in zip(prompts, NEW_TOKENS)]
-    seqs = run_scenario(ours(path, torch.bfloat16), prompts, forced=[t for t, _ in hf_runs])
-    clear = 0
+    model = ours(path, torch.bfloat16, backend=backend_named(backend, request))
+    seqs = run_scenario(model, prompts, forced=[t for t, _ in hf_runs])
+    clear, flips = 0, []
     for i, (seq, (tokens, logits)) in enumerate(zip(seqs, hf_runs)):
         top2 = logits.topk(2, dim=-1).values
         for step, (mine, theirs) in enumerate(zip(seq.choices, tokens, strict=True)):
             margin = float(top2[step, 0] - top2[step, 1])
             if margin > BF16_MARGIN:
-                assert mine == theirs, (
-                    f"sequence {i} step {step}: {mine} != HF {theirs} (margin {margin})"
-                )
                 clear += 1
+                if mine != theirs:
+                    flips.append(f"sequence {i} step {step}: {mine} != HF {theirs} (margin {margin})")
+                    # even then, our pick is one of HF's three best
+                    assert mine in logits[step].topk(3).indices.tolist(), flips[-1]
+    # The NPU kernels round differently from HF (npu_rotary_mul rounds once, HF after each op:
+    # one bf16 ulp, measured equal in error to HF's against float64), and these random models
+    # amplify one ulp by up to ~2 logits: one flip in 50 clear steps is allowed there.
+    allowed = 0 if backend == "reference" else clear // 50
+    assert len(flips) <= allowed, flips
     assert clear >= MIN_CLEAR * sum(NEW_TOKENS), f"only {clear} steps had a clear margin"
 
 
 # float16 and bfloat16 accuracy: our prompt logprobs against HF float32 must be about as good as
 # HF's own in the same dtype (measured: our mean error / HF's = 0.95..1.10), and float16 close to
 # float32 in absolute terms (measured mean |d logprob| 0.011..0.017).
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("ckpt", CHECKPOINTS)
-def test_reduced_precision_as_accurate_as_hf(ckpt, dtype, request):
+def test_reduced_precision_as_accurate_as_hf(ckpt, dtype, backend, request):
     path = request.getfixturevalue(ckpt)
     hf32, hf_low = hf_model(path, torch.float32), hf_model(path, dtype)
     prompts = make_prompts(512, seed=20)
-    seqs = run_scenario(ours(path, dtype), prompts, new_tokens=(2, 2, 2, 2), join_after=1)
+    model = ours(path, dtype, backend=backend_named(backend, request))
+    seqs = run_scenario(model, prompts, new_tokens=(2, 2, 2, 2), join_after=1)
     mine, theirs = [], []
     for seq in seqs:
         ref = hf_logits(hf32, seq.prompt).log_softmax(-1)

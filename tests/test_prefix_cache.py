@@ -30,14 +30,29 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["gemma_mqa_dir", "bloom_dir"])
+# The CPU path, and the NPU path through the torch_npu emulation (block size 16 so that these
+# ~60-token prefixes fill whole blocks; the NPU ops take any multiple of 16 up to 128).
+PARAMS = [
+    ("gemma_mqa_dir", []),
+    ("bloom_dir", []),
+    ("gemma_mqa_dir", ["--device", "npu-emulated", "--dtype", "bfloat16", "--block-size", "16"]),
+    ("bloom_dir", ["--device", "npu-emulated", "--dtype", "float16", "--block-size", "16"]),
+]
+
+
+@pytest.fixture(
+    scope="module", params=PARAMS, ids=[m[:-4] + ("-npu-emulated" if a else "") for m, a in PARAMS]
+)
 def sims(request):
-    model_dir = request.getfixturevalue(request.param)
+    model, extra = request.param
+    model_dir = request.getfixturevalue(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     procs, out = [], []
     for on in (True, False):
         uds = f"/tmp/tgi-pc-{uuid.uuid4().hex[:8]}"
-        procs.append(start_shard(model_dir, uds, env={"PREFIX_CACHING": "1" if on else "0"}))
+        procs.append(start_shard(
+            model_dir, uds, extra_args=extra, env={"PREFIX_CACHING": "1" if on else "0"}
+        ))
         sim = RouterSim(f"{uds}-0", tokenizer, prefix_caching=on)
         sim.startup(max_prefill=512)
         out.append(sim)

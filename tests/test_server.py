@@ -20,22 +20,36 @@ from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.pb import generate_pb2 as pb
 
 MODELS = ["bloom_dir", "gemma_mqa_dir"]
+# (device, dtype): the CPU path, and the NPU path through the torch_npu emulation in both half
+# types (BLOOM in fp16 as MindIE ships it, Gemma in bf16 as TGI defaults it).
+MODES = {
+    "bloom_dir": [("cpu", "float32"), ("npu-emulated", "float16")],
+    "gemma_mqa_dir": [("cpu", "float32"), ("npu-emulated", "bfloat16")],
+}
+PARAMS = [(m, d, t) for m in MODELS for d, t in MODES[m]]
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@pytest.fixture(scope="module", params=PARAMS, ids=[f"{m[:-4]}-{d}" for m, d, _ in PARAMS])
 def shard(request):
-    model_dir = request.getfixturevalue(request.param)
+    model, device, dtype = request.param
+    model_dir = request.getfixturevalue(model)
     uds = f"/tmp/tgi-test-{uuid.uuid4().hex[:8]}"
     # The launcher's defaults for head_dim 64/128/256 models: the shard reports prefix caching
     # (this RouterSim still allocates without reuse: cache_len = 0 is always valid).
-    proc = start_shard(model_dir, uds, env={"ATTENTION": "flashinfer", "PREFIX_CACHING": "true"})
+    proc = start_shard(
+        model_dir, uds, extra_args=["--device", device, "--dtype", dtype],
+        env={"ATTENTION": "flashinfer", "PREFIX_CACHING": "true"},
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     sim = RouterSim(f"{uds}-0", tokenizer)
+    sim.mode = (device, dtype)
     sim.startup(max_prefill=256)
     yield sim
     proc.terminate()
     assert proc.wait(30) == 0, proc.stderr.read()
     assert not os.path.exists(f"{uds}-0"), "the socket is removed on shutdown"
+    # On the emulated NPU every kernel ran fused: no "runs the reference path" warning.
+    assert "reference (non-fused) path" not in proc.stdout.read()
 
 
 def specs(sim: RouterSim) -> dict[str, dict]:
@@ -80,7 +94,10 @@ def test_info_and_discovery(shard: RouterSim):
     info = shard.info
     assert info.block_size >= 1 and not info.requires_padding
     assert not info.support_chunking and info.use_prefix_caching  # PREFIX_CACHING=true
-    assert info.dtype == "torch.float32" and info.device_type == "cpu"
+    device, dtype = shard.mode
+    assert info.dtype == f"torch.{dtype}" and info.device_type == device
+    # the backend's block size: 16 on CPU, 128 on NPU (head_dim <= 128)
+    assert info.block_size == (16 if device == "cpu" else 128)
     assert shard.urls == [f"unix://{shard.master_socket}"]  # every rank, rank 0 included
 
 

@@ -97,6 +97,38 @@ def serve(model_id: str, **flags) -> None:
         _fail(str(err))
 
 
+@main.command()
+@click.argument("model_id")
+@click.option("--revision", default=None)
+@click.option("--device", default="auto", help="npu (an Ascend host) or npu-emulated (env TGI_NPU_DEVICE).")
+@click.option("--dtype", default=None, help="float16 | bfloat16 (default: the checkpoint's half type).")
+@click.option("--block-size", type=int, default=None, help="Default: the NPU backend's choice (128, 64 for head_dim 256).")
+@click.option("--steps", type=int, default=4, show_default=True, help="Greedy decode steps of the model check.")
+@click.option(
+    "--skip-model/--with-model", default=False,
+    help="Operators only (the model check loads the whole model on one card).",
+)
+def selftest(model_id: str, revision, device, dtype, block_size, steps, skip_model) -> None:
+    """Check every NPU operator the backend uses against the reference kernels at MODEL_ID's
+    shapes, then a few greedy decode steps on both paths; print one table, exit 1 on a failure.
+    The first thing to run on a new Ascend host."""
+    setup_logging("WARNING", False)
+    try:
+        config = ServerConfig.from_cli(
+            model_id=model_id, env=dict(os.environ), revision=revision, device=device,
+            dtype=dtype, block_size=block_size,
+        )
+        from .selftest import run
+
+        ok = run(config, steps=steps, check_model=not skip_model)
+    except ValueError as err:
+        _fail(str(err))
+    if not ok:
+        click.echo("selftest: FAILED (see the rows marked FAIL)", err=True)
+        sys.exit(1)
+    click.echo("selftest: all checks passed")
+
+
 @main.command("download-weights")
 @click.argument("model_id")
 @click.option("--revision", default=None)

@@ -19,6 +19,7 @@ from .generator import Generator
 from .hub import resolve_model_dir
 from .kv_cache import KVCacheSpec
 
+
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
