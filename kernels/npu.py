@@ -278,19 +278,28 @@ class NpuBackend(ReferenceBackend):
                 context_lens=lens,
                 out=out,
             )
-        else:
+            return out
+        # The ALiBi mask is [rows, heads, 1, L]: rows per call are capped so that no mask
+        # exceeds max(L, 1024) rows (a long chunk over a long prefix would otherwise need
+        # T * heads * L; as in prefill, one mask stays within one longest-sequence mask).
+        longest = max(lens_list)
+        step = max(longest, 1024)
+        for start in range(0, len(lens_list), step):
+            stop = min(start + step, len(lens_list))
             torch_npu.atb._npu_paged_attention_v2(
-                query,
+                query[start:stop],
                 key_cache,
-                table,
-                lens_list,
+                table[start:stop],
+                lens_list[start:stop],
                 value_cache=value_cache,
-                mask=self._paged_alibi_mask(meta, lens_list, alibi_slopes, query.dtype, query.device),
+                mask=self._paged_alibi_mask(
+                    meta, start, lens_list[start:stop], alibi_slopes, query.dtype, query.device
+                ),
                 num_kv_heads=kv_heads,
                 num_heads=heads,
                 scale_value=scale,
                 mask_type=2,
-                out=out,
+                out=out[start:stop],
             )
         return out
 
@@ -431,6 +440,7 @@ class NpuBackend(ReferenceBackend):
     def _paged_alibi_mask(
         self,
         meta: AttentionMetadata,
+        first_row: int,
         lens: list[int],
         slopes: Tensor,
         dtype: torch.dtype,
@@ -453,4 +463,4 @@ class NpuBackend(ReferenceBackend):
             row = slopes.to(device, torch.float32)[None, :, None] * rel[:, None, :]  # [T, H, L]
             return self._observe_mask("alibi_paged", row[:, :, None, :].to(dtype).contiguous())
 
-        return self._cached(meta, ("alibi_paged", dtype, slopes.shape[0]), build)
+        return self._cached(meta, ("alibi_paged", dtype, slopes.shape[0], first_row), build)

@@ -153,3 +153,17 @@ def test_two_tokens_for_one_slot_are_stored_once(npu_emulated):
     want = _run(ReferenceBackend(), meta, q, kv, kv, kc.clone(), vc.clone(), None, True)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     assert torch.equal(kc[1, 15], kv[0])
+
+
+def test_long_chunks_over_prefixes_keep_the_alibi_mask_bounded(npu_emulated):
+    """Prefill over a cached prefix runs the paged op per token with a [rows, heads, 1, L] mask;
+    rows per call are capped at max(L, 1024), so a pass's mask never exceeds one longest-sequence
+    mask: two 600-token chunks over 10-token prefixes (T = 1200 > 1024 rows) take two calls."""
+    heads, dtype = 4, torch.float16
+    meta, q, k, v, kc, vc = _scenario([10, 10], [600, 600], 128, heads, heads, 16, dtype, True)
+    npu = NpuBackend(observer=npu_emulated)
+    got = _run(npu, meta, q, k, v, kc, vc, alibi_slopes(heads), True)
+    assert npu_emulated.calls["_npu_paged_attention_v2"] == 2
+    assert npu_emulated.peak_mask_bytes <= 1024 * heads * 610 * 2
+    want = _run(ReferenceBackend(), meta, q, k, v, kc.clone(), vc.clone(), alibi_slopes(heads), True)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
