@@ -60,7 +60,9 @@ def test_api_key_huge_prompts_bad_neighbours_and_sigterm_drain(bloom_dir):
         assert resp.status_code == 200
         assert all(r.status_code == 200 for _, r in results.values())
         print(f"8-token request: {base:.2f}s alone, {latency:.2f}s beside four 2 MB prompts")
-        assert latency < base + 0.5 + 0.5, f"{latency:.2f}s with the huge prompts, {base:.2f}s alone"
+        # NOTE: a loose bound (speed is measured by benchmarks/soak.py, not by tests): it catches
+        # the defect (22 s) but not the noise of a shared 2-core machine (seen: 0.29 s and 1.9 s)
+        assert latency < base + 8, f"{latency:.2f}s with the huge prompts, {base:.2f}s alone"
 
         # a bad request among good ones fails alone (NaN is refused before it reaches a batch)
         bad = b'{"inputs": "x", "parameters": {"temperature": NaN}}'
