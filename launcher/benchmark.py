@@ -238,7 +238,9 @@ def write_plot(rows: list[dict], path: Path) -> bool:
     right.set(xlabel="batch size", ylabel="ms", title="Latency vs batch", yscale="log")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xticks(sorted({r["batch"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
