@@ -63,6 +63,14 @@ def dtype_in(op: str, name: str, t: Tensor, allowed: Sequence[torch.dtype], sour
         fail(op, name, f"dtype {str(t.dtype).removeprefix('torch.')} is not supported ({names})", source)
 
 
+def half_tensors(op: str, tensors: dict[str, Tensor], family: str, source: str) -> None:
+    """Each of ``tensors``: fp16/bf16 (fp16 only on 310P) and contiguous, checked in that order."""
+    for name, t in tensors.items():
+        dtype_in(op, name, t, HALF, source)
+        soc_dtype(op, name, t, family)
+        contiguous(op, name, t)
+
+
 def same_dtype(op: str, tensors: dict[str, Tensor | None], source: str) -> None:
     present = {k: v for k, v in tensors.items() if v is not None}
     first_name, first = next(iter(present.items()))

@@ -20,11 +20,8 @@ def reshape_and_cache(
 ) -> None:
     st = begin(OP)
     family = st.settings.family
-    for name, t in (("key", key), ("value", value), ("key_cache", key_cache),
-                    ("value_cache", value_cache)):
-        c.dtype_in(OP, name, t, c.HALF, SRC + "; int8 caches are not emulated")
-        c.soc_dtype(OP, name, t, family)
-        c.contiguous(OP, name, t)
+    c.half_tensors(OP, {"key": key, "value": value, "key_cache": key_cache,
+                        "value_cache": value_cache}, family, SRC + "; int8 caches are not emulated")
     c.same_dtype(OP, {"key": key, "value": value, "key_cache": key_cache,
                       "value_cache": value_cache}, SRC)
     c.nz_required(OP, "key_cache", family)

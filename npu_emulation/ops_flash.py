@@ -31,10 +31,7 @@ def _heads_view(op: str, name: str, t: Tensor, heads: int, src: str) -> Tensor:
 
 def _check_qkv(op: str, family: str, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                mask: Tensor | None, src: str) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        c.dtype_in(op, name, t, c.HALF, src)
-        c.soc_dtype(op, name, t, family)
-        c.contiguous(op, name, t)
+    c.half_tensors(op, {"query": query, "key": key, "value": value}, family, src)
     c.contiguous(op, "mask", mask)
     c.same_dtype(op, {"query": query, "key": key, "value": value, "mask": mask}, src)
     if mask is not None:

@@ -22,10 +22,8 @@ def _check_paged(op: str, family: str, query: Tensor, key_cache: Tensor, value_c
                  block_table: Tensor, kv_lens: Sequence[int], num_heads: int, num_kv_heads: int,
                  rows: int, out: Tensor, mask: Tensor | None, src: str) -> None:
     """What the three paged ops share (_npu_paged_attention_v2 docs lines 254-285)."""
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
-        c.dtype_in(op, name, t, c.HALF, src + " (int8 needs the quantized variants, not emulated)")
-        c.soc_dtype(op, name, t, family)
-        c.contiguous(op, name, t)
+    c.half_tensors(op, {"query": query, "key_cache": key_cache, "value_cache": value_cache},
+                   family, src + " (int8 needs the quantized variants, not emulated)")
     c.same_dtype(op, {"query": query, "key_cache": key_cache, "value_cache": value_cache,
                       "mask": mask}, src)
     c.nz_required(op, "key_cache", family)

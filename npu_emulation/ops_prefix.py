@@ -55,11 +55,8 @@ def flash_attention_prefix_v2(query: Tensor, key_cache: Tensor, value_cache: Ten
                "5 (ALIBI_COMPRESS_SQRT)", SRC + " lines 411/445")
     if mask_type == 5:
         c.fail(PFX, "mask_type", "5 (ALiBi compress sqrt) is not emulated", SRC)
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
-                    ("mask", mask)):
-        c.dtype_in(PFX, name, t, c.HALF, SRC + " lines 416-420")
-        c.soc_dtype(PFX, name, t, family)
-        c.contiguous(PFX, name, t)
+    c.half_tensors(PFX, {"query": query, "key_cache": key_cache, "value_cache": value_cache,
+                         "mask": mask}, family, SRC + " lines 416-420")
     c.same_dtype(PFX, {"query": query, "key_cache": key_cache, "value_cache": value_cache,
                        "mask": mask}, SRC)
     c.nz_required(PFX, "key_cache", family)
