@@ -67,6 +67,21 @@ def npu_available() -> bool:
         return False
 
 
+def soc_version() -> int:
+    """``torch_npu.npu.get_soc_version()``: 200-205 = 310P, 220-225 = A2, 250-255 = A3."""
+    return int(_torch_npu().npu.get_soc_version())
+
+
+def probe_atb(dtype: torch.dtype, device: torch.device) -> None:
+    """One one-block ``_npu_reshape_and_cache``: torch_npu loads ``libop_plugin_atb.so`` (which
+    needs NNAL's ``libatb.so``) at the first ATB call and raises ``OSError`` there."""
+    dtype = dtype if dtype in _FUSED_DTYPES else torch.float16
+    key = torch.zeros((1, 1, 16), dtype=dtype, device=device)
+    cache = torch.zeros((1, 16, 1, 16), dtype=dtype, device=device)
+    slots = torch.zeros((1,), dtype=torch.int32, device=device)
+    _torch_npu()._npu_reshape_and_cache(key, key, cache, cache.clone(), slots)
+
+
 def recommended_block_size(head_dim: int) -> int:
     """Largest valid block size with ``block_size * head_dim <= 128 * 128``.
 

@@ -143,9 +143,9 @@ def check_npu_startup(platform: Platform, dtype: torch.dtype) -> None:
     """
     if platform.kind != "npu":
         return
-    import torch_npu
+    from tgi_npu_backend.kernels.npu import probe_atb, soc_version
 
-    soc = int(torch_npu.npu.get_soc_version())
+    soc = soc_version()
     name = torch.npu.get_device_name(platform.index)  # type: ignore[attr-defined]
     if soc in SOC_310P:
         raise ValueError(
@@ -155,12 +155,8 @@ def check_npu_startup(platform: Platform, dtype: torch.dtype) -> None:
         )
     if soc not in SOC_A2 and soc not in SOC_A3:
         logger.warning(f"{name}: SoC version {soc} is neither A2 (220-225) nor A3 (250-255); untested")
-    probe_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-    key = torch.zeros((1, 1, 16), dtype=probe_dtype, device=platform.device)
-    cache = torch.zeros((1, 16, 1, 16), dtype=probe_dtype, device=platform.device)
-    slots = torch.zeros((1,), dtype=torch.int32, device=platform.device)
     try:
-        torch_npu._npu_reshape_and_cache(key, key, cache, cache.clone(), slots)
+        probe_atb(dtype, platform.device)
     except OSError as err:
         raise ValueError(
             f"the Ascend NNAL (ATB) library is not usable: {err}. Install the NNAL package that "
