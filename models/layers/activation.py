@@ -12,7 +12,7 @@ class BloomGelu(nn.Module):
     NOTE: HF's ``BloomGelu`` spells it out, ``x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715
     * x * x)))`` (Megatron-DeepSpeed's constant for sqrt(2/pi)): seven elementwise passes over
     ``[tokens, 4 * hidden]``, ~25% of a CPU prefill. ``F.gelu(approximate="tanh")`` is the same
-    function to within 5e-7 in float32 (``tests/test_activation.py`` checks it against HF's).
+    function to within 5e-7 in float32 (``tests/models/test_activation.py`` checks it against HF's).
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """CpuBackend (the fast CPU path) against the dense oracle and the reference backend.
 
-Same scenarios and parameters as ``tests/test_kernels.py`` (whose ``Paged`` driver and dense
+Same scenarios and parameters as ``tests/kernels/test_kernels.py`` (whose ``Paged`` driver and dense
 oracle are reused): ragged prefill, cached prefixes, decode across block boundaries, ALiBi,
 MHA/GQA/MQA, three dtypes, NaN-poisoned caches; plus what is specific to this backend: prefill
 groups of padded sequences, and its own KV layout.

@@ -3,7 +3,7 @@
 ``generate_pb2`` and ``generate_pb2_grpc`` are imported lazily on first attribute access, so
 ``python -m tgi_npu_backend.pb.regenerate`` still runs when the stubs are missing or broken.
 Regenerate them with that command; never edit the ``generate_pb2*`` files by hand
-(``tests/test_proto.py`` fails when they are stale).
+(``tests/shard/test_proto.py`` fails when they are stale).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ one) and writes ``generate_pb2.py``, ``generate_pb2.pyi`` and ``generate_pb2_grp
 gRPC plugin emits ``import generate_pb2 as generate__pb2``, which only works when the output
 directory is on ``sys.path``; it is rewritten to a relative import so the stubs live inside
 the ``tgi_npu_backend.pb`` package. The output depends only on the proto and the grpcio-tools
-version, so ``tests/test_proto.py`` can regenerate into a temporary directory and compare.
+version, so ``tests/shard/test_proto.py`` can regenerate into a temporary directory and compare.
 """
 
 from __future__ import annotations

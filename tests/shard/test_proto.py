@@ -30,7 +30,7 @@ from tgi_npu_backend.pb import regenerate  # noqa: E402
 WIRE_JSON = Path(
     os.environ.get(
         "TGI_V3_WIRE_JSON",
-        Path(__file__).resolve().parents[2] / "shared" / "tgi" / "tgi_v3_wire.json",
+        Path(__file__).resolve().parents[3] / "shared" / "tgi" / "tgi_v3_wire.json",
     )
 )
 # Keys of the wire json that describe where it came from, not the protocol.
