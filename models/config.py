@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tgi_npu_backend.distributed import shard_size
+
 SUPPORTED_MODEL_TYPES = ("bloom", "gemma")
 
 # Architectures that look like ours but are not: each needs a feature this server lacks.
@@ -76,12 +78,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def heads_per_rank(self, world_size: int) -> int:
-        if self.num_heads % world_size != 0:
-            raise ValueError(
-                f"num_attention_heads = {self.num_heads} is not divisible by the tensor-parallel "
-                f"world size {world_size}; choose a --num-shard that divides it"
-            )
-        return self.num_heads // world_size
+        return shard_size(self.num_heads, world_size, "num_attention_heads")
 
     def kv_heads_per_rank(self, world_size: int) -> int:
         """KV heads held by each rank.
@@ -94,12 +91,7 @@ class ModelConfig:
         self.heads_per_rank(world_size)
         kv = self.num_kv_heads
         if kv >= world_size:
-            if kv % world_size != 0:
-                raise ValueError(
-                    f"num_key_value_heads = {kv} is not divisible by the tensor-parallel world "
-                    f"size {world_size}; choose a --num-shard that divides it"
-                )
-            return kv // world_size
+            return shard_size(kv, world_size, "num_key_value_heads")
         if world_size % kv != 0:
             raise ValueError(
                 f"num_key_value_heads = {kv} cannot be replicated over {world_size} ranks: the "

@@ -20,6 +20,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 from .errors import InvalidRequestError
 from .prompt import text_of, tokenize_prompt
 from .sampling import SamplingParams, TokenChooser
+from .settings import ShardSettings, TextSettings
 from .stopping import IncrementalDetokenizer, StoppingCriteria
 
 WARMUP_EXTRA_TOKENS = 2  # warmup runs a prefill and one decode step: prompt + 2 slots
@@ -30,16 +31,16 @@ FLOAT_PARAMETERS = ("temperature", "top_p", "typical_p", "repetition_penalty", "
 class BatchContext:
     """What ``from_pb`` needs besides the protobuf batch."""
 
-    tokenizer: object  # transformers PreTrainedTokenizerFast (left truncation)
-    eos_token_ids: frozenset[int]
-    block_size: int
+    text: TextSettings
+    settings: ShardSettings
     num_slots: int  # KV pool size in slots; 0 while warming up (no pool yet)
     max_input_tokens: int | None
-    device: torch.device
     rank: int = 0
     world_size: int = 1
-    watermark_gamma: float = 0.5
-    watermark_delta: float = 2.0
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
 
 
 @dataclass
@@ -187,7 +188,7 @@ class Batch:
             params = request_parameters(r)
             max_new = r.stopping_parameters.max_new_tokens
             text = text_of(r)
-            ids = tokenize_prompt(ctx.tokenizer, r, text, ctx.max_input_tokens, warmup) if text else []
+            ids = tokenize_prompt(ctx.text.tokenizer, r, text, ctx.max_input_tokens, warmup) if text else []
             if not ids:
                 raise InvalidRequestError(f"request {r.id}: the prompt is empty; send at least one token")
             if ctx.max_input_tokens is not None and len(ids) > ctx.max_input_tokens and not warmup:
@@ -212,12 +213,12 @@ class Batch:
                     slots=list(r.slots),
                     params=params,
                     stopping=StoppingCriteria(
-                        eos_token_ids=set(ctx.eos_token_ids),
+                        eos_token_ids=set(ctx.text.eos_token_ids),
                         stop_sequences=list(r.stopping_parameters.stop_sequences),
                         max_new_tokens=max_new,
                         ignore_eos_token=r.stopping_parameters.ignore_eos_token,
                     ),
-                    detokenizer=IncrementalDetokenizer(ctx.tokenizer, ids),
+                    detokenizer=IncrementalDetokenizer(ctx.text.tokenizer, ids),
                     top_n=r.top_n_tokens,
                     prefill_logprobs=r.prefill_logprobs,
                     owned=r.id % ctx.world_size == ctx.rank,
@@ -227,8 +228,8 @@ class Batch:
         if warmup:
             _warmup_kv(states, ctx.block_size)
         chooser = TokenChooser(
-            [s.params for s in states], ctx.device,
-            watermark_gamma=ctx.watermark_gamma, watermark_delta=ctx.watermark_delta,
+            [s.params for s in states], ctx.settings.device,
+            watermark_gamma=ctx.settings.watermark_gamma, watermark_delta=ctx.settings.watermark_delta,
         )
         return cls(id=batch.id, requests=states, chooser=chooser)
 

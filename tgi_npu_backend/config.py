@@ -60,9 +60,12 @@ def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
 
 
-def _env_flag(env: Mapping[str, str], name: str) -> bool:
+def _env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     # NOTE: TGI's launcher writes "true"/"1" (on) or "0"/"false" (off); anything else is off.
-    return env.get(name, "").strip().lower() in ("1", "true")
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return raw.strip().lower() in ("1", "true")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class ServerConfig:
     # PREFIX_CACHING from the launcher ("1"/"true" => on): Info.use_prefix_caching, which makes
     # the router reuse KV blocks of shared prompt prefixes (Request.cache_len > 0)
     prefix_caching: bool = False
+    # PREFILL_CHUNKING (TGI's server reads it, default on; "0"/"false" => off): Info.support_chunking
+    prefill_chunking: bool = True
     # model files
     hub_cache: str | None = None
     # generation
@@ -200,6 +205,7 @@ class ServerConfig:
             dist_timeout_s=dist_timeout,
             attention_hint=env.get("ATTENTION"),
             prefix_caching=_env_flag(env, "PREFIX_CACHING"),
+            prefill_chunking=_env_flag(env, "PREFILL_CHUNKING", default=True),
             hub_cache=env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"),
             watermark_gamma=_env_float(env, "WATERMARK_GAMMA", 0.5),
             watermark_delta=_env_float(env, "WATERMARK_DELTA", 2.0),

@@ -32,6 +32,17 @@ from .errors import FatalError
 DIST_BACKENDS = {"cpu": "gloo", "npu": "hccl", "cuda": "nccl"}
 
 
+
+def shard_size(size: int, count: int, what: str) -> int:
+    """``size / count``: the one tensor-parallel divisibility check (model dimensions, weight
+    slices, heads); refuses, naming the dimension, a world size that does not divide it."""
+    if size % count != 0:
+        raise ValueError(
+            f"{what} = {size} is not divisible by the tensor-parallel world size {count}; "
+            "choose a --num-shard that divides it"
+        )
+    return size // count
+
 @dataclass(frozen=True)
 class ParallelContext:
     rank: int = 0
@@ -81,12 +92,7 @@ class ParallelContext:
 
     def split(self, size: int, what: str) -> int:
         """This rank's share of a model dimension; refuses dimensions that do not divide."""
-        if size % self.world_size != 0:
-            raise ValueError(
-                f"{what} = {size} is not divisible by the tensor-parallel world size "
-                f"{self.world_size}; choose a --num-shard that divides it"
-            )
-        return size // self.world_size
+        return shard_size(size, self.world_size, what)
 
     def shutdown(self) -> None:
         """An orderly exit: stop watching peers (they are shutting down too)."""

@@ -22,8 +22,8 @@ from loguru import logger
 
 from tgi_npu_backend.pb import generate_pb2 as pb
 
-from . import device as devices
 from .batch import Batch, BatchContext
+from .settings import ShardSettings, TextSettings
 from .batch_cache import BatchCache
 from .distributed import ParallelContext
 from .errors import InvalidRequestError, is_device_oom
@@ -42,54 +42,34 @@ class Generator:
         self,
         *,
         model,
-        tokenizer,
         backend,
-        device: torch.device,
-        dtype: torch.dtype,
-        platform: devices.Platform | None = None,
-        block_size: int,
-        kv_spec: KVCacheSpec,
-        eos_token_ids: frozenset[int],
-        model_max_length: int | None,
+        text: TextSettings,
+        settings: ShardSettings,
         parallel: ParallelContext = ParallelContext(),
-        kv_cache_fraction: float | None = None,
-        max_input_tokens: int | None = None,
-        watermark_gamma: float = 0.5,
-        watermark_delta: float = 2.0,
-        prefix_caching: bool = False,
     ):
         self.model = model
-        self.tokenizer = tokenizer
         self.backend = backend
-        self.device = device
-        self.dtype = dtype
-        self.platform = platform or devices.Platform(device.type, device)
-        self.block_size = block_size
-        self.kv_spec = kv_spec
-        self.eos_token_ids = eos_token_ids
-        self.model_max_length = model_max_length
+        self.text = text
+        self.settings = settings
         self.parallel = parallel
-        self.kv_cache_fraction = kv_cache_fraction
-        self.max_input_tokens = max_input_tokens  # --max-input-tokens until Warmup decides
-        self.watermark = (watermark_gamma, watermark_delta)
-        # Reported in Info; the router then sends cache_len > 0 for prompts whose block-aligned
-        # prefix is still in the KV pool (the pool persists, so nothing else changes here).
-        self.prefix_caching = prefix_caching
-        self.runner = ModelRunner(model, device)
+        self.platform = settings.platform
+        self.device = settings.device
+        self.block_size = settings.block_size
+        self.max_input_tokens = settings.max_input_tokens  # until Warmup decides
+        self.runner = ModelRunner(model, self.device)
         self.kv_cache: KVCache | None = None
         self.cache = BatchCache()
         self._advancing = False  # set once a step starts changing its requests (see decode)
-        self.special_ids = frozenset(tokenizer.all_special_ids)
 
     # ------------------------------------------------------------------ info
     def info(self) -> pb.InfoResponse:
         return pb.InfoResponse(
             requires_padding=False,
-            dtype=str(self.dtype),
+            dtype=str(self.settings.dtype),
             device_type=self.platform.name,
             speculate=0,
             support_chunking=False,
-            use_prefix_caching=self.prefix_caching,
+            use_prefix_caching=self.settings.prefix_caching,
             attention_impl=f"paged-{self.backend.name}",
             block_size=self.block_size,
         )
@@ -110,16 +90,12 @@ class Generator:
 
     def _context(self, warmup: bool) -> BatchContext:
         return BatchContext(
-            tokenizer=self.tokenizer,
-            eos_token_ids=self.eos_token_ids,
-            block_size=self.block_size,
+            text=self.text,
+            settings=self.settings,
             num_slots=0 if warmup else self.kv_cache.num_slots,
             max_input_tokens=self.max_input_tokens,
-            device=self.device,
             rank=self.parallel.rank,
             world_size=self.parallel.world_size,
-            watermark_gamma=self.watermark[0],
-            watermark_delta=self.watermark[1],
         )
 
     # ------------------------------------------------------------------ RPCs
@@ -175,7 +151,7 @@ class Generator:
         self.platform.empty_cache()
         batch = Batch.from_pb(batch_pb, self._context(warmup=True), warmup=True)
         temp_blocks = max(b for r in batch.requests for b in r.blocks) + 1
-        temp = KVCache(self.kv_spec, temp_blocks, self.backend, self.device)
+        temp = KVCache(self.settings.kv_spec, temp_blocks, self.backend, self.device)
         n_tokens = sum(r.input_length for r in batch.requests)
         try:
             _, next_batch, _, _ = self.generate_token(batch, temp)  # prefill: the memory peak
@@ -197,18 +173,18 @@ class Generator:
             # model loaded and nothing has changed since; re-sizing would drop cached batches.
             num_blocks = self.kv_cache.num_blocks
         else:
-            num_blocks = self.kv_spec.blocks_for(self.platform.kv_cache_budget(self.kv_cache_fraction))
+            num_blocks = self.settings.kv_spec.blocks_for(self.platform.kv_cache_budget(self.settings.kv_cache_fraction))
             # NOTE: free memory differs between ranks; all must report (and allocate) one
             # capacity, and every other choice below is derived from it and from identical flags.
             num_blocks = self.parallel.all_reduce_min(num_blocks, self.device)
         capacity = num_blocks * self.block_size
         max_input, max_total = self._limits(max_input, max_prefill, max_total, capacity)
         if self.kv_cache is None:
-            self.kv_cache = KVCache(self.kv_spec, num_blocks, self.backend, self.device)
+            self.kv_cache = KVCache(self.settings.kv_spec, num_blocks, self.backend, self.device)
         self.max_input_tokens = max_input
         logger.info(
             f"KV pool: {num_blocks} blocks x {self.block_size} tokens = {capacity} tokens "
-            f"({num_blocks * self.kv_spec.bytes_per_block / 2**20:.1f} MiB); "
+            f"({num_blocks * self.settings.kv_spec.bytes_per_block / 2**20:.1f} MiB); "
             f"max_input_tokens={max_input} max_total_tokens={max_total}"
         )
         return capacity, max_input, max_total
@@ -226,7 +202,7 @@ class Generator:
                 "tokens; lower --max-total-tokens or give the KV pool more memory (--kv-cache-fraction)"
             )
         if max_total is None:
-            limit = min(capacity, self.model_max_length or capacity)
+            limit = min(capacity, self.text.model_max_length or capacity)
             max_total = limit if max_input is None else max(max_input + 1, limit)
             max_total = min(max_total, capacity)
         if max_input is None:
@@ -262,7 +238,7 @@ class Generator:
             r.prefilled = True
             r.all_ids.append(token)
             r.generated.append(token)
-            special = token in self.special_ids
+            special = token in self.text.special_ids
             piece = r.detokenizer.step(token, special)
             stop, reason = r.stopping(token, "" if special else piece)
             generated_text = None
@@ -288,7 +264,7 @@ class Generator:
                 gen.prefill_tokens = self._prefill_tokens(r, out.prompt_logprobs[i])
             if tops is not None and r.top_n > 0:
                 ids, lps = tops[i]
-                gen.top_tokens = [Tokens(ids, lps, self._texts(ids), [t in self.special_ids for t in ids])]
+                gen.top_tokens = [Tokens(ids, lps, self._texts(ids), [t in self.text.special_ids for t in ids])]
             generations.append(gen)
         decode_ns = _now() - start
         if all(r.finished for r in batch.requests):
@@ -296,7 +272,7 @@ class Generator:
         return generations, batch, forward_ns, decode_ns
 
     def _texts(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        return [self.text.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
     def _prefill_tokens(self, r, computed) -> Tokens:
         """Prompt tokens with the logprob of each given the ones before (first: NaN, as TGI);

@@ -14,10 +14,11 @@ from tgi_npu_backend.models.registry import load_model, read_model_config
 
 from . import device as devices
 from .config import ServerConfig
-from .distributed import abort_process, init_parallel
+from .distributed import abort_process, init_parallel, shard_size
 from .generator import Generator
 from .hub import resolve_model_dir
 from .kv_cache import KVCacheSpec
+from .settings import ShardSettings, TextSettings
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
@@ -56,11 +57,7 @@ def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
         ("vocab_size", cfg.vocab_size),
         ("intermediate_size", cfg.intermediate_size),
     ):
-        if size % world_size != 0:
-            raise ValueError(
-                f"{cfg.model_type} {name} = {size} is not divisible by the tensor-parallel world "
-                f"size {world_size}; choose a --num-shard that divides it"
-            )
+        shard_size(size, world_size, f"{cfg.model_type} {name}")
     cfg.kv_heads_per_rank(world_size)  # KV heads: split evenly, or replicated (world % kv == 0)
 
 
@@ -120,21 +117,21 @@ def build_generator(config: ServerConfig) -> Generator:
         block_size=block_size,
         dtype=dtype,
     )
-    return Generator(
-        model=model,
+    text = TextSettings(
         tokenizer=tokenizer,
-        backend=backend,
-        device=device,
-        dtype=dtype,
-        platform=platform,
-        block_size=block_size,
-        kv_spec=kv_spec,
         eos_token_ids=eos_token_ids(model_dir, model_config.eos_token_ids, tokenizer),
+        special_ids=frozenset(tokenizer.all_special_ids),
         model_max_length=model_max_length(model_config.max_position_embeddings, tokenizer),
-        parallel=parallel,
+    )
+    settings = ShardSettings(
+        platform=platform,
+        dtype=dtype,
+        kv_spec=kv_spec,
         kv_cache_fraction=config.kv_cache_fraction,
         max_input_tokens=config.max_input_tokens,
+        prefix_caching=config.prefix_caching,
+        chunking=config.prefill_chunking,
         watermark_gamma=config.watermark_gamma,
         watermark_delta=config.watermark_delta,
-        prefix_caching=config.prefix_caching,
     )
+    return Generator(model=model, backend=backend, text=text, settings=settings, parallel=parallel)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from tgi_npu_backend.distributed import ParallelContext
+from tgi_npu_backend.distributed import ParallelContext, shard_size
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -97,14 +97,7 @@ class Weights:
         """Block ``index`` of ``count`` equal blocks along ``dim``; only that block is read."""
         disk = self.resolve(name)
         full = self._check_shape(name, disk, shape)
-        size = full[dim]
-        if size % count != 0:
-            raise ValueError(
-                f"tensor {name!r} has size {size} in dim {dim}, which is not divisible by "
-                f"{count} (tensor-parallel world size {self.parallel.world_size}); "
-                f"choose a --num-shard that divides it"
-            )
-        block = size // count
+        block = shard_size(full[dim], count, f"dim {dim} of tensor {name!r}")
         return self.get_range(name, dim, index * block, (index + 1) * block)
 
     def get_range(self, name: str, dim: int, start: int, stop: int) -> Tensor:

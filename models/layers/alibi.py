@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from tgi_npu_backend.distributed import shard_size
+
 
 def alibi_slopes(num_heads: int) -> Tensor:
     """``[num_heads]`` float32 slopes, computed with the same float32 ops as HF."""
@@ -28,9 +30,5 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
 def alibi_slopes_for_rank(num_heads: int, rank: int, world_size: int) -> Tensor:
     """The slopes of the contiguous block of heads that ``rank`` computes."""
-    if num_heads % world_size != 0:
-        raise ValueError(
-            f"n_head = {num_heads} is not divisible by the tensor-parallel world size {world_size}"
-        )
-    local = num_heads // world_size
+    local = shard_size(num_heads, world_size, "n_head")
     return alibi_slopes(num_heads)[rank * local : (rank + 1) * local].contiguous()

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tgi_npu_backend.distributed import ParallelContext
+from tgi_npu_backend.distributed import ParallelContext, shard_size
 from tgi_npu_backend.weights import Weights
 
 Shard = tuple[int, int]  # (index, count): this rank holds block `index` of `count` equal blocks
@@ -54,12 +54,7 @@ def _param(*shape: int, dtype: torch.dtype | None, device: torch.device | None) 
 
 
 def _split(size: int, count: int, what: str) -> int:
-    if size % count != 0:
-        raise ValueError(
-            f"{what} = {size} is not divisible by {count} tensor-parallel shards; "
-            "choose a --num-shard that divides it"
-        )
-    return size // count
+    return shard_size(size, count, what)
 
 
 class MergedColumnParallelLinear(nn.Module):

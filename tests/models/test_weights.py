@@ -77,7 +77,7 @@ def test_replicated_shard(ckpt):
 def test_indivisible_shard_names_tensor_dim_and_world(ckpt):
     w = weights(ckpt, rank=0, world_size=3)
     with pytest.raises(
-        ValueError, match=r"'transformer.a.weight' has size 4 in dim 0.*world size 3"
+        ValueError, match=r"dim 0 of tensor 'transformer.a.weight' = 4 is not divisible.*world size 3"
     ):
         w.get_sharded("transformer.a.weight", 0)
 

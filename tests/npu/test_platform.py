@@ -49,7 +49,7 @@ def test_block_size_and_dtype_come_from_the_npu_backend(ckpt, block_size, reques
     info = gen.info()
     assert info.block_size == block_size and info.device_type == "npu-emulated"
     assert info.attention_impl == "paged-npu"
-    assert gen.dtype == torch.float16  # the demo checkpoints are float32: NPU default is fp16
+    assert gen.settings.dtype == torch.float16  # the demo checkpoints are float32: NPU default is fp16
     names = [name for name, _ in state().npu_calls]
     assert "set_device" in names
 
@@ -82,7 +82,7 @@ def test_kv_pool_is_sized_from_npu_free_memory(bloom_dir, uninstall_after):
     free = 64 << 20
     gen = build_generator(_config(bloom_dir, emulation=f"mem_free={free},mem_total={4 * free}",
                                   kv_cache_fraction=0.5))
-    spec = gen.kv_spec
+    spec = gen.settings.kv_spec
     expected = (free // 2) // spec.bytes_per_block
     assert gen.platform.kv_cache_budget(0.5) == free // 2
     assert spec.blocks_for(gen.platform.kv_cache_budget(0.5)) == expected

@@ -3,6 +3,7 @@ generator semantics that need a controlled model config (EOS lists, ownership ac
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_eos_list_from_generation_config_stops(gemma_mqa_dir):
     req = shard.sim.request("The quick brown fox", max_new_tokens=12, ignore_eos=True)
     ids, _, _ = shard.generate([req])[req.id]
     # pretend the 4th greedy token is <end_of_turn>-like: make it one of the EOS ids
-    shard.gen.eos_token_ids = frozenset({1, ids[3]})
+    shard.gen.text = dataclasses.replace(shard.gen.text, eos_token_ids=frozenset({1, ids[3]}))
     req = shard.sim.request("The quick brown fox", max_new_tokens=12)
     step = shard.gen.prefill(shard.sim.batch([req]))
     finished = None
