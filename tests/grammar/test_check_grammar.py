@@ -78,3 +78,28 @@ def test_refuses_with_a_message_to_act_on(grammar_type, value, says):
 def test_grammar_error_is_a_value_error():
     # The shard maps ValueError to INVALID_ARGUMENT; the launcher to a 422.
     assert issubclass(GrammarError, ValueError)
+
+
+def test_objects_close_as_in_tgi():
+    from tgi_npu_backend.grammar.spec import close_objects
+
+    schema = {
+        "type": "object",
+        "properties": {
+            # a property *named* "properties": its map is not an object schema
+            "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            "list": {"type": "array", "items": {"properties": {"y": {"type": "string"}}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
+        "allOf": [{"properties": {"a": {"type": "integer"}}}],
+        "$defs": {"d": {"properties": {"z": {"type": "null"}}}},
+    }
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert set(closed["properties"]) == {"properties", "list", "open"}
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert closed["properties"]["list"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["open"]["additionalProperties"] is True  # said explicitly
+    assert "additionalProperties" not in closed["allOf"][0]  # an intersection's parts stay open
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the caller's schema is not changed

@@ -74,9 +74,54 @@ def _json_grammar(value: str) -> str:
             f"{value[:80]!r}"
         )
     try:
-        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(close_objects(schema), defaults=JSON_OPTIONS)
     except ValueError as e:
         raise GrammarError(f"invalid JSON schema grammar: {e}") from None
+
+
+# Keywords whose value is a schema, a list of schemas, or a name -> schema map.
+_SCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames")
+_SCHEMA_LIST = ("prefixItems", "anyOf", "oneOf")
+_SCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def close_objects(schema):
+    """A copy of ``schema`` in which every object schema that lists ``properties`` and says
+    nothing about ``additionalProperties`` gets ``"additionalProperties": false``.
+
+    NOTE: TGI's grammars (outlines-core's schema regex) only ever generate the listed
+    properties; llguidance follows JSON Schema's default (any other key allowed), which lets a
+    model write unlisted keys with unbounded names until max_new_tokens runs out. Every text
+    the closed schema allows is valid against the original. Schemas directly under ``allOf``
+    stay open: closing each part of an intersection would forbid the other parts' keys.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA:
+        if key in out:
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(s) for s in out[key]]
+    for key in _SCHEMA_MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [_close_below(s) for s in out["allOf"]]
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _close_below(schema):
+    """``close_objects`` for everything under ``schema`` but not ``schema`` itself."""
+    if not isinstance(schema, dict):
+        return schema
+    closed = close_objects(schema)
+    if "additionalProperties" not in schema and "properties" in schema:
+        closed.pop("additionalProperties", None)
+    return closed
 
 
 def _first_lines(message: str) -> str:

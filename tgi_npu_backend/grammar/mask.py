@@ -1,0 +1,54 @@
+"""The grammar rows of a batch's logits masked in one batched device operation.
+
+Per step, each grammar request's matcher writes its allowed tokens as bits into one host int32
+row (``[G, W]``, W = ceil(tokenizer size / 32): 31 KiB per request at a 250k vocabulary; the
+library's own C code, no Python loop over tokens). The ``[G, W]`` words go to the device once
+and expand there to a ``[G, V]`` boolean mask that sets every forbidden logit to ``-inf``.
+Rows of requests without a grammar are never read or written.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..warpers import NEG_INF
+from .state import GrammarState
+
+
+class GrammarMasks:
+    def __init__(self, rows: list[int], states: list[GrammarState], words: int, device: torch.device):
+        """``rows``: the batch rows with a grammar, ``states`` their grammar states; ``words``:
+        int32 words per row of the grammar tokenizer's bitmask."""
+        if not rows or len(rows) != len(states):
+            raise ValueError("GrammarMasks needs one GrammarState per grammar row (at least one)")
+        self.rows = rows
+        self.states = states
+        self.words = words
+        self.device = torch.device(device)
+        self.index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [G]
+        # bit b of byte k: little-endian int32 words read as bytes keep token order (x86, arm64)
+        self.bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=self.device)
+        self.host = torch.zeros((len(rows), words), dtype=torch.int32)  # [G, W], reused
+
+    def allowed(self, vocab: int) -> Tensor:
+        """``[G, vocab]`` bool: the tokens each grammar row may choose next. Ids past the
+        tokenizer's (padding logits) are never allowed."""
+        for j, state in enumerate(self.states):
+            state.fill(self.host[j])
+        words = self.host.to(self.device, non_blocking=True)  # [G, W]
+        as_bytes = words.view(torch.uint8)  # [G, 4W]
+        allowed = (as_bytes.unsqueeze(-1) & self.bits) != 0  # [G, 4W, 8]
+        allowed = allowed.view(len(self.rows), -1)  # [G, 32W]
+        width = allowed.shape[1]
+        if vocab <= width:
+            return allowed[:, :vocab]
+        pad = torch.zeros((len(self.rows), vocab - width), dtype=torch.bool, device=self.device)
+        return torch.cat([allowed, pad], dim=1)
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        """``scores`` ``[B, V]`` float with every grammar row's forbidden tokens at ``-inf``
+        (out of place; the other rows are copied bit for bit)."""
+        allowed = self.allowed(scores.shape[1])  # [G, V]
+        masked = scores.index_select(0, self.index).masked_fill(~allowed, NEG_INF)  # [G, V]
+        return scores.index_copy(0, self.index, masked)
