@@ -252,12 +252,13 @@ def host_time(batch: int, steps: int) -> dict:
 
     from tgi_npu_backend.config import ServerConfig
     from tgi_npu_backend.demo import write_checkpoint
+    from tgi_npu_backend import wire
     from tgi_npu_backend.load import build_generator
 
     tiny = write_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "bloom", seed=0)
     gen = build_generator(ServerConfig(model_id=str(tiny), device="cpu", kv_cache_fraction=0.01))
     warm = build_warmup_request(64, 512, 128, None)
-    gen.warmup(warm.batch, 64, 512, 128)
+    gen.warmup(wire.batch_requests(warm.batch), 64, 512, 128)
     model_s = [0.0]
 
     def timed(fn):
@@ -280,13 +281,13 @@ def host_time(batch: int, steps: int) -> dict:
             id=i, inputs=text, input_chunks=text_input(text), truncate=16, parameters=params(),
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 1, ignore_eos_token=True),
             blocks=list(a.blocks), slots=list(a.slots)))
-    out = gen.prefill(pb.Batch(id=0, requests=reqs, size=batch))
+    out = gen.prefill(0, wire.batch_requests(pb.Batch(id=0, requests=reqs, size=batch)))
     host, total = [], []
     for _ in range(steps):
         model_s[0] = 0.0
         t = now()
         out = gen.decode([0])
-        out.to_pb(pb.DecodeResponse)
+        wire.step_pb(out, pb.DecodeResponse)
         dt = now() - t
         total.append(dt)
         host.append(dt - model_s[0])

@@ -1,35 +1,36 @@
-"""A batch of requests on the paged KV cache, with TGI's four verbs:
-``from_pb`` (validate + tokenize), ``filter`` (keep ids, in the given order),
-``concatenate`` (Decode of several batches) and ``to_pb`` (the CachedBatch the router sees).
+"""A batch of requests on the paged KV cache, with TGI's verbs: ``from_specs`` (validate +
+tokenize, the shard's side of ``Batch.from_pb``), ``filter`` (keep ids, in the given order),
+``concatenate`` (Decode of several batches, or a cached batch and a new one in a chunked
+Prefill), ``plan_chunks`` (cut the next prompt chunks under the prefill budget) and ``cached``
+(the CachedBatch the router sees).
 
-Every request of a batch is in the same phase: a batch built by ``from_pb`` is prefilled by its
-first step and decodes afterwards, and only decoding batches are ever concatenated.
+A batch may hold requests in any phase: some still prefilling their prompt chunk by chunk, some
+decoding. Each request keeps its own state (``request.py``); a forward pass runs every request's
+next query (``Request.next_query``).
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from tgi_npu_backend.pb import generate_pb2 as pb
-
 from .errors import InvalidRequestError
-from .prompt import text_of, tokenize_prompt
-from .sampling import SamplingParams, TokenChooser
+from .outputs import CachedBatch
+from .prompt import tokenize_prompt
+from .request import Request, RequestSpec, sampling_params
+from .sampling import TokenChooser
 from .settings import ShardSettings, TextSettings
 from .stopping import IncrementalDetokenizer, StoppingCriteria
 
 WARMUP_EXTRA_TOKENS = 2  # warmup runs a prefill and one decode step: prompt + 2 slots
-FLOAT_PARAMETERS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
 class BatchContext:
-    """What ``from_pb`` needs besides the protobuf batch."""
+    """What ``from_specs`` needs besides the requests."""
 
     text: TextSettings
     settings: ShardSettings
@@ -43,51 +44,7 @@ class BatchContext:
         return self.settings.block_size
 
 
-@dataclass
-class RequestState:
-    id: int
-    prompt_ids: list[int]
-    all_ids: list[int]  # prompt + generated so far
-    cache_len: int  # leading prompt tokens whose KV the router says is already cached
-    blocks: list[int]
-    slots: list[int]  # slots[p] holds the KV of position p
-    params: SamplingParams
-    stopping: StoppingCriteria
-    detokenizer: IncrementalDetokenizer
-    top_n: int
-    prefill_logprobs: bool
-    owned: bool  # this rank returns the request's Generations (request.id % world_size == rank)
-    # slots[:kv_len] as a tensor: every KV slot this request reads or writes (overlap checks)
-    slot_tensor: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
-    prefilled: bool = False
-    finished: bool = False
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def input_length(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def kv_len(self) -> int:
-        """Positions this request can ever hold: prompt + max_new_tokens - 1."""
-        return self.input_length + self.stopping.max_new_tokens - 1
-
-    def written_slots(self, block_size: int) -> Tensor:
-        """The slots this request's forward passes write, from the first block it does not share
-        (positions before ``cache_len`` are a reused prefix; with a whole-prompt match the router
-        sends ``cache_len = prompt - 1``, which rewrites one position of a shared block with the
-        same KV, so that block is left out)."""
-        first = -(-self.cache_len // block_size) * block_size
-        return self.slot_tensor[first:]
-
-    def next_query(self) -> tuple[list[int], int]:
-        """Tokens of the next forward pass and the position of the first of them."""
-        if not self.prefilled:
-            return self.prompt_ids[self.cache_len :], self.cache_len
-        return self.all_ids[-1:], len(self.all_ids) - 1
-
-
-def _check_kv(ctx: BatchContext, r: pb.Request, prompt_len: int, max_new: int) -> Tensor:
+def _check_kv(ctx: BatchContext, r: RequestSpec, prompt_len: int, max_new: int) -> Tensor:
     """The router's blocks/slots must hold every position this request will write, inside the
     KV pool; returns ``slots[:prompt_len + max_new - 1]`` as a tensor."""
     need = prompt_len + max_new - 1
@@ -124,114 +81,105 @@ def _check_kv(ctx: BatchContext, r: pb.Request, prompt_len: int, max_new: int) -
     return slots[:need]
 
 
-def request_parameters(r: pb.Request) -> SamplingParams:
-    """The request's sampling parameters, or InvalidRequestError naming it when the shard cannot
-    serve them (non-finite or impossible values, a grammar, max_new_tokens 0). The launcher's
-    validation must refuse all of these first: the protocol has no per-request error, so one
-    refused request fails its whole Prefill."""
-    p = r.parameters
-    for name in FLOAT_PARAMETERS:
-        value = getattr(p, name)
-        if not math.isfinite(value):
-            raise InvalidRequestError(f"request {r.id}: {name}={value} is not a finite number")
-    params = SamplingParams(
-        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
-        do_sample=p.do_sample, seed=p.seed, repetition_penalty=p.repetition_penalty,
-        frequency_penalty=p.frequency_penalty, watermark=p.watermark,
-    )
-    try:
-        params.validate()
-    except ValueError as err:
-        raise InvalidRequestError(f"request {r.id}: {err}") from None
-    if p.grammar:
-        raise InvalidRequestError(
-            f"request {r.id}: grammar-constrained generation is not supported by this shard; "
-            "send no grammar (start the router with --disable-grammar-support)"
-        )
-    max_new = r.stopping_parameters.max_new_tokens
-    if max_new < 1:
-        raise InvalidRequestError(f"request {r.id}: max_new_tokens must be at least 1, got {max_new}")
-    return params
-
-
 def _duplicates(ids: list[int]) -> list[int]:
     return sorted(i for i, n in Counter(ids).items() if n > 1)
 
 
-def _warmup_kv(requests: list[RequestState], block_size: int) -> None:
+def _warmup_kv(requests: list[Request], block_size: int) -> None:
     """Warmup requests come without blocks: give them consecutive temporary ones (from 1)."""
     next_block = 1
     for r in requests:
-        n = -(-(r.input_length + WARMUP_EXTRA_TOKENS) // block_size)
+        n = -(-(r.prompt_len + WARMUP_EXTRA_TOKENS) // block_size)
         r.blocks = list(range(next_block, next_block + n))
         r.slots = [b * block_size + o for b in r.blocks for o in range(block_size)]
         next_block += n
 
 
+def _first_chunk(spec: RequestSpec, prompt_len: int, chunking: bool, warmup: bool) -> int:
+    rest = prompt_len - spec.cache_len
+    if spec.chunk_len is None or warmup:
+        return rest
+    if not chunking:
+        raise InvalidRequestError(
+            f"request {spec.id}: chunk_len={spec.chunk_len} but this shard runs without chunked "
+            "prefill (PREFILL_CHUNKING=0); send whole prompts"
+        )
+    if not 0 < spec.chunk_len <= rest:
+        raise InvalidRequestError(
+            f"request {spec.id}: chunk_len={spec.chunk_len} must be in [1, {rest}] (the prompt's "
+            f"{prompt_len} tokens minus cache_len={spec.cache_len})"
+        )
+    return spec.chunk_len
+
+
+def make_request(spec: RequestSpec, ctx: BatchContext, warmup: bool) -> Request:
+    """Validate and tokenize one request (InvalidRequestError names it)."""
+    params = sampling_params(spec)
+    ids = tokenize_prompt(ctx.text.tokenizer, spec, spec.text, ctx.max_input_tokens, warmup) if spec.text else []
+    if not ids:
+        raise InvalidRequestError(f"request {spec.id}: the prompt is empty; send at least one token")
+    if ctx.max_input_tokens is not None and len(ids) > ctx.max_input_tokens and not warmup:
+        raise InvalidRequestError(
+            f"request {spec.id}: prompt has {len(ids)} tokens, more than "
+            f"--max-input-tokens={ctx.max_input_tokens}; shorten it or set truncate"
+        )
+    if spec.cache_len >= len(ids):
+        raise InvalidRequestError(
+            f"request {spec.id}: cache_len={spec.cache_len} must be smaller than the prompt ({len(ids)} tokens)"
+        )
+    slot_tensor = torch.empty(0, dtype=torch.int64)
+    if not warmup:
+        slot_tensor = _check_kv(ctx, spec, len(ids), spec.max_new_tokens)
+    return Request(
+        id=spec.id,
+        tokens=list(ids),
+        prompt_len=len(ids),
+        cache_len=spec.cache_len,
+        cursor=spec.cache_len,
+        chunk=_first_chunk(spec, len(ids), ctx.settings.chunking, warmup),
+        blocks=list(spec.blocks),
+        slots=list(spec.slots),
+        params=params,
+        stopping=StoppingCriteria(
+            eos_token_ids=set(ctx.text.eos_token_ids),
+            stop_sequences=list(spec.stop_sequences),
+            max_new_tokens=spec.max_new_tokens,
+            ignore_eos_token=spec.ignore_eos_token,
+        ),
+        detokenizer=IncrementalDetokenizer(ctx.text.tokenizer, ids),
+        special_ids=ctx.text.special_ids,
+        top_n=spec.top_n_tokens,
+        prefill_logprobs=spec.prefill_logprobs,
+        owned=spec.id % ctx.world_size == ctx.rank,
+        slot_tensor=slot_tensor,
+    )
+
+
 @dataclass
 class Batch:
     id: int
-    requests: list[RequestState]
+    requests: list[Request]
     chooser: TokenChooser
 
     @classmethod
-    def from_pb(cls, batch: pb.Batch, ctx: BatchContext, warmup: bool = False) -> Batch:
-        if not batch.requests:
-            raise InvalidRequestError(f"batch {batch.id} has no requests")
-        dup = _duplicates([r.id for r in batch.requests])
+    def from_specs(
+        cls, batch_id: int, specs: list[RequestSpec], ctx: BatchContext, warmup: bool = False
+    ) -> Batch:
+        if not specs:
+            raise InvalidRequestError(f"batch {batch_id} has no requests")
+        dup = _duplicates([r.id for r in specs])
         if dup and not warmup:  # warmup requests all have id 0
             raise InvalidRequestError(
-                f"batch {batch.id} holds request id(s) {dup} more than once; request ids must be unique"
+                f"batch {batch_id} holds request id(s) {dup} more than once; request ids must be unique"
             )
-        states = []
-        for r in batch.requests:
-            params = request_parameters(r)
-            max_new = r.stopping_parameters.max_new_tokens
-            text = text_of(r)
-            ids = tokenize_prompt(ctx.text.tokenizer, r, text, ctx.max_input_tokens, warmup) if text else []
-            if not ids:
-                raise InvalidRequestError(f"request {r.id}: the prompt is empty; send at least one token")
-            if ctx.max_input_tokens is not None and len(ids) > ctx.max_input_tokens and not warmup:
-                raise InvalidRequestError(
-                    f"request {r.id}: prompt has {len(ids)} tokens, more than "
-                    f"--max-input-tokens={ctx.max_input_tokens}; shorten it or set truncate"
-                )
-            if r.cache_len >= len(ids):
-                raise InvalidRequestError(
-                    f"request {r.id}: cache_len={r.cache_len} must be smaller than the prompt ({len(ids)} tokens)"
-                )
-            slot_tensor = torch.empty(0, dtype=torch.int64)
-            if not warmup:
-                slot_tensor = _check_kv(ctx, r, len(ids), max_new)
-            states.append(
-                RequestState(
-                    id=r.id,
-                    prompt_ids=ids,
-                    all_ids=list(ids),
-                    cache_len=r.cache_len,
-                    blocks=list(r.blocks),
-                    slots=list(r.slots),
-                    params=params,
-                    stopping=StoppingCriteria(
-                        eos_token_ids=set(ctx.text.eos_token_ids),
-                        stop_sequences=list(r.stopping_parameters.stop_sequences),
-                        max_new_tokens=max_new,
-                        ignore_eos_token=r.stopping_parameters.ignore_eos_token,
-                    ),
-                    detokenizer=IncrementalDetokenizer(ctx.text.tokenizer, ids),
-                    top_n=r.top_n_tokens,
-                    prefill_logprobs=r.prefill_logprobs,
-                    owned=r.id % ctx.world_size == ctx.rank,
-                    slot_tensor=slot_tensor,
-                )
-            )
+        requests = [make_request(spec, ctx, warmup) for spec in specs]
         if warmup:
-            _warmup_kv(states, ctx.block_size)
+            _warmup_kv(requests, ctx.block_size)
         chooser = TokenChooser(
-            [s.params for s in states], ctx.settings.device,
+            [r.params for r in requests], ctx.settings.device,
             watermark_gamma=ctx.settings.watermark_gamma, watermark_delta=ctx.settings.watermark_delta,
         )
-        return cls(id=batch.id, requests=states, chooser=chooser)
+        return cls(id=batch_id, requests=requests, chooser=chooser)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -241,8 +189,9 @@ class Batch:
         return [r.id for r in self.requests]
 
     @property
-    def is_prefill(self) -> bool:
-        return not self.requests[0].prefilled
+    def prefilling(self) -> bool:
+        """Some request's prompt is not all in the KV cache yet."""
+        return any(not r.prefilled for r in self.requests)
 
     def filter(self, request_ids: list[int]) -> Batch:
         """Keep ``request_ids`` in that order (the router's order)."""
@@ -262,9 +211,7 @@ class Batch:
 
     @classmethod
     def concatenate(cls, batches: list[Batch]) -> Batch:
-        """Merge decoding batches in order; the first batch's id is kept (as TGI)."""
-        if any(b.is_prefill for b in batches):
-            raise ValueError("only batches that finished their prefill can be concatenated")
+        """Merge batches in order; the first batch's id is kept (as TGI)."""
         dup = _duplicates([r.id for b in batches for r in b.requests])
         if dup:
             raise InvalidRequestError(
@@ -273,11 +220,23 @@ class Batch:
         requests = [r for b in batches for r in b.requests]
         return cls(batches[0].id, requests, TokenChooser.concatenate([b.chooser for b in batches]))
 
-    def to_pb(self, block_size: int) -> pb.CachedBatch:
-        return pb.CachedBatch(
+    def plan_chunks(self, max_prefill_tokens: int) -> None:
+        """Cut the next chunk of every request still prefilling, as TGI's shard does after a pass:
+        a budget of ``max_prefill_tokens`` minus one token for each other request of the batch
+        (each decodes one), given to the requests in batch order (the oldest first); a request
+        always moves by at least one token."""
+        budget = max_prefill_tokens - (len(self.requests) - 1)
+        for r in self.requests:
+            if r.prefilled or r.finished:
+                continue
+            r.chunk = max(min(r.prompt_len - r.cursor, budget), 1)
+            budget -= r.chunk
+
+    def cached(self, block_size: int) -> CachedBatch:
+        return CachedBatch(
             id=self.id,
             request_ids=self.request_ids,
             size=len(self.requests),  # includes just-finished requests (router filters them)
             max_tokens=sum(len(r.blocks) for r in self.requests) * block_size,
-            current_tokens=sum(len(r.next_query()[0]) for r in self.requests),
+            current_tokens=sum(r.query_len for r in self.requests),
         )

@@ -1,6 +1,8 @@
-"""The shard's behaviour behind the eight RPCs, free of gRPC types except the batch messages.
+"""The shard's behaviour behind the eight RPCs, in plain values (``server.py`` converts the
+protobuf at the edge). The generator orchestrates: build a batch, run a step, hand each request
+its result (``request.py``); it keeps the batch cache and the KV pool.
 
-Protocol facts this class keeps (see shared/tgi/PROTOCOL.md section 0):
+Protocol facts this class keeps (docs/protocol.md):
 * the warmup batch (all ids 0, no blocks) runs on a temporary KV cache and is not cached;
 * the KV pool is sized once, by the first warmup, and persists across batches, ClearCache and
   later warmups (which run their batch and check their limits against it);
@@ -20,8 +22,6 @@ import time
 import torch
 from loguru import logger
 
-from tgi_npu_backend.pb import generate_pb2 as pb
-
 from .batch import Batch, BatchContext
 from .settings import ShardSettings, TextSettings
 from .batch_cache import BatchCache
@@ -29,7 +29,8 @@ from .distributed import ParallelContext
 from .errors import InvalidRequestError, is_device_oom
 from .kv_cache import KVCache, KVCacheSpec
 from .model_runner import ModelRunner
-from .outputs import GeneratedText, Generation, StepOutput, Tokens
+from .outputs import CachedBatch, Generation, Info, StepOutput, Tokens
+from .request import Request, RequestSpec
 from .sampling import top_n_tokens
 
 
@@ -56,18 +57,19 @@ class Generator:
         self.device = settings.device
         self.block_size = settings.block_size
         self.max_input_tokens = settings.max_input_tokens  # until Warmup decides
+        # Warmup's max_prefill_tokens: the budget of the prompt chunks the shard cuts itself
+        # (chunked prefill); None until then, and without chunking
+        self.max_prefill_tokens: int | None = None
         self.runner = ModelRunner(model, self.device)
         self.kv_cache: KVCache | None = None
         self.cache = BatchCache()
         self._advancing = False  # set once a step starts changing its requests (see decode)
 
     # ------------------------------------------------------------------ info
-    def info(self) -> pb.InfoResponse:
-        return pb.InfoResponse(
-            requires_padding=False,
+    def info(self) -> Info:
+        return Info(
             dtype=str(self.settings.dtype),
             device_type=self.platform.name,
-            speculate=0,
             support_chunking=False,
             use_prefix_caching=self.settings.prefix_caching,
             attention_impl=f"paged-{self.backend.name}",
@@ -83,10 +85,10 @@ class Generator:
     def clear(self, batch_id: int | None) -> None:
         self.cache.clear(batch_id)
 
-    def filter(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch:
+    def filter(self, batch_id: int, request_ids: list[int]) -> CachedBatch:
         batch = self.cache.get(batch_id, "FilterBatch").filter(request_ids)  # raises first
         self.cache.put(batch)
-        return batch.to_pb(self.block_size)
+        return batch.cached(self.block_size)
 
     def _context(self, warmup: bool) -> BatchContext:
         return BatchContext(
@@ -99,11 +101,11 @@ class Generator:
         )
 
     # ------------------------------------------------------------------ RPCs
-    def prefill(self, batch_pb: pb.Batch) -> StepOutput:
+    def prefill(self, batch_id: int, requests: list[RequestSpec]) -> StepOutput:
         start = _now()
         if self.kv_cache is None:
             raise InvalidRequestError("Prefill before Warmup: the KV pool is sized by Warmup; call it first")
-        batch = Batch.from_pb(batch_pb, self._context(warmup=False))
+        batch = Batch.from_specs(batch_id, requests, self._context(warmup=False))
         self.cache.check_new(batch, self.kv_cache.num_slots, self.block_size)
         return self._step(batch, start, concat_ns=None)
 
@@ -139,20 +141,20 @@ class Generator:
         cached = None
         if next_batch is not None:
             self.cache.put(next_batch)
-            cached = next_batch.to_pb(self.block_size)
+            cached = next_batch.cached(self.block_size)
         return StepOutput(generations, cached, forward_ns, decode_ns, _now() - start, concat_ns)
 
     def warmup(
-        self, batch_pb: pb.Batch, max_input: int | None, max_prefill: int, max_total: int | None
+        self, requests: list[RequestSpec], max_input: int | None, max_prefill: int, max_total: int | None
     ) -> tuple[int, int, int]:
         """Run the router's warmup batch on a temporary cache, then size the persistent KV pool
         (first Warmup only). Limits are checked before anything is kept, so a Warmup that fails
         leaves the pool, the cached batches and the limits as they were."""
         self.platform.empty_cache()
-        batch = Batch.from_pb(batch_pb, self._context(warmup=True), warmup=True)
+        batch = Batch.from_specs(0, requests, self._context(warmup=True), warmup=True)
         temp_blocks = max(b for r in batch.requests for b in r.blocks) + 1
         temp = KVCache(self.settings.kv_spec, temp_blocks, self.backend, self.device)
-        n_tokens = sum(r.input_length for r in batch.requests)
+        n_tokens = sum(r.prompt_len for r in batch.requests)
         try:
             _, next_batch, _, _ = self.generate_token(batch, temp)  # prefill: the memory peak
             if next_batch is not None:
@@ -182,6 +184,8 @@ class Generator:
         if self.kv_cache is None:
             self.kv_cache = KVCache(self.settings.kv_spec, num_blocks, self.backend, self.device)
         self.max_input_tokens = max_input
+        if self.settings.chunking:
+            self.max_prefill_tokens = max_prefill
         logger.info(
             f"KV pool: {num_blocks} blocks x {self.block_size} tokens = {capacity} tokens "
             f"({num_blocks * self.settings.kv_spec.bytes_per_block / 2**20:.1f} MiB); "
@@ -216,56 +220,55 @@ class Generator:
 
     # ------------------------------------------------------------------ one step
     def generate_token(self, batch: Batch, kv_cache: KVCache) -> tuple[list[Generation], Batch | None, int, int]:
+        """One forward pass over every request's next query, then each request takes its result:
+        a prompt chunk moves its cursor, and a request whose pass ends its prompt (or decodes)
+        takes the chosen token. Requests still prefilling produce no Generation (as TGI)."""
         start = _now()
-        was_prefill = batch.is_prefill
+        yielding = [i for i, r in enumerate(batch.requests) if r.yields_token]
         out = self.runner.forward(batch, kv_cache)
         self._advancing = True  # sampling draws from the requests' generators: no way back
-        next_ids, logprobs = self.runner.choose(batch, out.next_logits)
-        chosen_logprobs = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+        chosen: list[int] = []
+        chosen_logprobs: list[float] = []
         tops = None
-        if any(r.top_n > 0 for r in batch.requests):
-            tops = top_n_tokens(logprobs, [r.top_n if r.owned else 0 for r in batch.requests])
-        next_ids_l = next_ids.tolist()  # device -> host sync: end of the forward part
-        chosen_l = chosen_logprobs.tolist()
+        if yielding:
+            next_ids, logprobs = self.runner.choose(batch, yielding, out.next_logits)
+            picked = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+            if any(batch.requests[i].top_n > 0 for i in yielding):
+                top_n = [batch.requests[i].top_n if batch.requests[i].owned else 0 for i in yielding]
+                tops = top_n_tokens(logprobs, top_n)
+            chosen = next_ids.tolist()  # device -> host sync: end of the forward part
+            chosen_logprobs = picked.tolist()
         forward_ns = _now() - start
 
         start = _now()
+        row = {i: k for k, i in enumerate(yielding)}
         generations = []
         for i, r in enumerate(batch.requests):
             if r.finished:
                 continue
-            token = next_ids_l[i]
-            r.prefilled = True
-            r.all_ids.append(token)
-            r.generated.append(token)
-            special = token in self.text.special_ids
-            piece = r.detokenizer.step(token, special)
-            stop, reason = r.stopping(token, "" if special else piece)
-            generated_text = None
-            if stop:
-                r.finished = True
-                remainder = r.detokenizer.finish()
-                if not special:
-                    piece += remainder
-                generated_text = GeneratedText(
-                    text=r.detokenizer.final_text(),
-                    generated_tokens=len(r.generated),
-                    finish_reason=reason,
-                    seed=r.params.seed if r.params.is_sampling else None,
-                )
+            was_prefilling = not r.prefilled
+            if was_prefilling:
+                r.prefill_pass_done(out.prompt_logprobs[i])
+            k = row.get(i)
+            if k is None:
+                continue  # a prompt chunk that does not end the prompt: no token yet
+            token = chosen[k]
+            piece, generated_text = r.take(token)
             if not r.owned:
                 continue
             gen = Generation(
                 request_id=r.id,
-                tokens=Tokens([token], [chosen_l[i]], [piece], [special]),
+                tokens=Tokens([token], [chosen_logprobs[k]], [piece], [token in self.text.special_ids]),
                 generated_text=generated_text,
             )
-            if was_prefill and r.prefill_logprobs:
-                gen.prefill_tokens = self._prefill_tokens(r, out.prompt_logprobs[i])
+            if was_prefilling and r.prefill_logprobs:
+                gen.prefill_tokens = self._prefill_tokens(r)
             if tops is not None and r.top_n > 0:
-                ids, lps = tops[i]
+                ids, lps = tops[k]
                 gen.top_tokens = [Tokens(ids, lps, self._texts(ids), [t in self.text.special_ids for t in ids])]
             generations.append(gen)
+        if self.max_prefill_tokens is not None:
+            batch.plan_chunks(self.max_prefill_tokens)
         decode_ns = _now() - start
         if all(r.finished for r in batch.requests):
             return generations, None, forward_ns, decode_ns
@@ -274,9 +277,10 @@ class Generator:
     def _texts(self, ids: list[int]) -> list[str]:
         return [self.text.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
-    def _prefill_tokens(self, r, computed) -> Tokens:
+    def _prefill_tokens(self, r: Request) -> Tokens:
         """Prompt tokens with the logprob of each given the ones before (first: NaN, as TGI);
-        positions whose KV came from the prefix cache were not computed: NaN too."""
-        logprobs = [math.nan] * (r.cache_len + 1) + (computed.tolist() if computed is not None else [])
+        positions whose KV came from the prefix cache were not computed: NaN too. Computed over
+        one or several passes (chunks); each position appears once."""
+        logprobs = [math.nan] * (r.cache_len + 1) + r.prompt_logprobs
         ids = r.prompt_ids
         return Tokens(ids=ids, logprobs=logprobs[: len(ids)], texts=self._texts(ids), is_special=[])

@@ -23,7 +23,8 @@ from torch import Tensor
 from tgi_npu_backend.kernels import AttentionMetadata
 from tgi_npu_backend.models.base import CausalLM
 
-from .batch import Batch, RequestState
+from .batch import Batch
+from .request import Request
 from .kv_cache import KVCache
 
 PROMPT_LOGPROB_CHUNK = 512  # prompt positions per LM-head call when computing prompt logprobs
@@ -31,10 +32,10 @@ PROMPT_LOGPROB_CHUNK = 512  # prompt positions per LM-head call when computing p
 
 @dataclass
 class StepLogits:
-    next_logits: Tensor  # [B, vocab] float32, logits of each request's last position
-    # per request: logprob of prompt token p+1 at position p for this pass's positions
-    # (the first entry is for the first computed position); None unless asked
-    prompt_logprobs: list[Tensor | None]
+    next_logits: Tensor  # [Y, vocab] float32, last-position logits of the Y requests that yield
+    # per request: logprob of prompt token p+1 at position p for this pass's prompt positions
+    # (the first entry is for the chunk's first position); None unless asked
+    prompt_logprobs: list[list[float] | None]
 
 
 @dataclass
@@ -42,11 +43,11 @@ class DecodeInputs:
     """A decoding batch's step inputs, carried from one step to the next.
 
     ``requests`` is the batch's own list object: a filtered or concatenated batch has a new list,
-    and gets new inputs. ``first_len`` (``len(all_ids)`` of the first request when the step was
+    and gets new inputs. ``first_len`` (``len(tokens)`` of the first request when the step was
     built) catches a step whose tokens were never appended.
     """
 
-    requests: list[RequestState]
+    requests: list[Request]
     block_tables: Tensor  # [B, max_blocks] int32 (device), fixed for the batch's life
     positions: Tensor  # [B] int64 (device), position of each request's token in this step
     positions_host: Tensor  # [B] int64, the same on the host (the kernels' host length lists)
@@ -112,7 +113,7 @@ class ModelRunner:
             context_lens.append(start)
             query_lens.append(len(query))
         meta = AttentionMetadata.build(
-            is_prefill=batch.is_prefill,
+            is_prefill=batch.prefilling,
             slot_mapping=slots,
             block_tables=[r.blocks for r in batch.requests],
             context_lens=context_lens,
@@ -132,7 +133,7 @@ class ModelRunner:
             last is not None
             and last.requests is reqs
             and last.next_ids is not None
-            and len(reqs[0].all_ids) == last.first_len + 1
+            and len(reqs[0].tokens) == last.first_len + 1
         ):
             step = last.advanced()
             return step, step.metadata(block_size)
@@ -145,14 +146,14 @@ class ModelRunner:
             max_seq_len=meta.max_seqlen_k,
             cu_seqlens_q=meta.cu_seqlens_q,
             query_lens=meta.query_lens_list,
-            first_len=len(reqs[0].all_ids),
+            first_len=len(reqs[0].tokens),
             input_ids=input_ids,
         )
         return step, meta
 
     @torch.inference_mode()
     def forward(self, batch: Batch, kv_cache: KVCache) -> StepLogits:
-        if batch.is_prefill:
+        if batch.prefilling:
             input_ids, positions, meta = self.prepare(batch, kv_cache.block_size)
             step = None
         else:
@@ -163,26 +164,36 @@ class ModelRunner:
         self._decode = step
         if step is not None:  # one token per request: every position is a last position
             return StepLogits(self.model.compute_logits(hidden), [None] * len(batch))
-        ends = meta.cu_seqlens_q[1:].long() - 1  # [B] last token of each sequence
-        next_logits = self.model.compute_logits(hidden[ends])
-
-        prompt_logprobs: list[Tensor | None] = []
         offsets = meta.cu_seqlens_q_list
-        for i, r in enumerate(batch.requests):
-            if not r.prefill_logprobs:
+        requests = batch.requests
+        ends = [offsets[i + 1] - 1 for i, r in enumerate(requests) if r.yields_token]
+        next_logits = self.model.compute_logits(hidden[ends]) if ends else hidden.new_empty((0,))
+
+        prompt_logprobs: list[list[float] | None] = []
+        for i, r in enumerate(requests):
+            if r.prefilled or not r.prefill_logprobs:
                 prompt_logprobs.append(None)
                 continue
             start, end = offsets[i], offsets[i + 1]
-            # position p predicts prompt token p+1; the last position predicts the first new token
-            targets = input_ids[start + 1 : end]
-            prompt_logprobs.append(self._token_logprobs(hidden[start : end - 1], targets))
+            # position p predicts prompt token p+1; a last chunk's last position predicts the
+            # first new token instead, and a middle chunk's the next chunk's first prompt token
+            targets = r.tokens[r.cursor + 1 : min(r.cursor + r.chunk + 1, r.prompt_len)]
+            rows = hidden[start : start + len(targets)]
+            target_ids = torch.tensor(targets, dtype=torch.int64, device=hidden.device)
+            prompt_logprobs.append(self._token_logprobs(rows, target_ids).tolist())
         return StepLogits(next_logits=next_logits, prompt_logprobs=prompt_logprobs)
 
-    def choose(self, batch: Batch, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's token chooser on ``logits``; the chosen ids (still on the device) become
-        the next decode step's input."""
-        next_ids, logprobs = batch.chooser(logits, [r.all_ids for r in batch.requests])
-        if self._decode is not None and self._decode.requests is batch.requests:
+    def choose(self, batch: Batch, rows: list[int], logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The token chooser of the requests at ``rows`` (those this pass yields a token for) on
+        their ``logits``; in a decode pass the chosen ids (still on the device) become the next
+        step's input."""
+        requests = batch.requests
+        if len(rows) == len(requests):
+            chooser = batch.chooser
+        else:  # some requests are mid-prompt: their generators must not draw
+            chooser = batch.chooser.rows(rows)
+        next_ids, logprobs = chooser(logits, [requests[i].tokens for i in rows])
+        if self._decode is not None and self._decode.requests is requests:
             self._decode.next_ids = next_ids
         return next_ids, logprobs
 

@@ -1,10 +1,8 @@
-"""What a generation step returns, as plain dataclasses; ``to_pb`` is the only protobuf contact."""
+"""What the shard answers, as plain dataclasses (``wire.py`` turns them into protobuf)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .stopping import FinishReason
 
@@ -16,8 +14,6 @@ class Tokens:
     texts: list[str] = field(default_factory=list)
     is_special: list[bool] = field(default_factory=list)
 
-    def to_pb(self) -> pb.Tokens:
-        return pb.Tokens(ids=self.ids, logprobs=self.logprobs, texts=self.texts, is_special=self.is_special)
 
 
 @dataclass
@@ -27,13 +23,6 @@ class GeneratedText:
     finish_reason: FinishReason
     seed: int | None  # only for sampled requests, as TGI
 
-    def to_pb(self) -> pb.GeneratedText:
-        out = pb.GeneratedText(
-            text=self.text, generated_tokens=self.generated_tokens, finish_reason=int(self.finish_reason)
-        )
-        if self.seed is not None:
-            out.seed = self.seed
-        return out
 
 
 @dataclass
@@ -44,17 +33,31 @@ class Generation:
     generated_text: GeneratedText | None = None  # present iff the request finished this step
     top_tokens: list[Tokens] = field(default_factory=list)  # one entry per token when top_n > 0
 
-    def to_pb(self) -> pb.Generation:
-        out = pb.Generation(
-            request_id=self.request_id,
-            tokens=self.tokens.to_pb(),
-            top_tokens=[t.to_pb() for t in self.top_tokens],
-        )
-        if self.prefill_tokens is not None:
-            out.prefill_tokens.CopyFrom(self.prefill_tokens.to_pb())
-        if self.generated_text is not None:
-            out.generated_text.CopyFrom(self.generated_text.to_pb())
-        return out
+
+
+@dataclass(frozen=True)
+class Info:
+    """The shard's ``InfoResponse``."""
+
+    dtype: str
+    device_type: str
+    support_chunking: bool
+    use_prefix_caching: bool
+    attention_impl: str
+    block_size: int
+    requires_padding: bool = False
+    speculate: int = 0
+
+
+@dataclass(frozen=True)
+class CachedBatch:
+    """What the router learns about a batch the shard keeps (``CachedBatch``)."""
+
+    id: int
+    request_ids: list[int]
+    size: int  # includes just-finished requests (the router filters them)
+    max_tokens: int  # KV slots the batch's blocks hold
+    current_tokens: int  # tokens of the batch's next forward pass
 
 
 @dataclass
@@ -62,21 +65,9 @@ class StepOutput:
     """Result of a Prefill or Decode RPC (times in ns, as TGI reports them)."""
 
     generations: list[Generation]
-    batch: pb.CachedBatch | None
+    batch: CachedBatch | None
     forward_ns: int
     decode_ns: int
     total_ns: int
     concat_ns: int | None = None
 
-    def to_pb(self, response_cls):
-        out = response_cls(
-            generations=[g.to_pb() for g in self.generations],
-            forward_ns=self.forward_ns,
-            decode_ns=self.decode_ns,
-            total_ns=self.total_ns,
-        )
-        if self.batch is not None:
-            out.batch.CopyFrom(self.batch)
-        if self.concat_ns is not None:
-            out.concat_ns = self.concat_ns
-        return out

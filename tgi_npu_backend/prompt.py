@@ -1,4 +1,4 @@
-"""A request's prompt: its text (text chunks only) and its token ids as the router counts them
+"""A request's prompt as token ids as the router counts them
 (``add_special_tokens`` as sent, left truncation to ``Request.truncate``).
 
 Long prompts are cut before tokenizing when truncation makes most of the text irrelevant: a 2 MB
@@ -8,31 +8,15 @@ request's next token, for seconds.
 
 from __future__ import annotations
 
-from loguru import logger
-
-from tgi_npu_backend.pb import generate_pb2 as pb
-
 from .errors import InvalidRequestError
+from .request import RequestSpec
 
 TAIL_MIN_CHARS = 4096  # shorter prompts are always tokenized whole
 CUT_MARGIN = 16  # tokens near a cut may differ from the whole text's: never rely on them
 
 
-def text_of(request: pb.Request) -> str:
-    """Concatenate the text chunks; images are ignored (text-only models)."""
-    if request.HasField("input_chunks") and request.input_chunks.chunks:
-        texts = []
-        for chunk in request.input_chunks.chunks:
-            if chunk.WhichOneof("chunk") == "text":
-                texts.append(chunk.text)
-            else:
-                logger.debug(f"request {request.id}: ignoring a non-text input chunk")
-        return "".join(texts)
-    return request.inputs
-
-
 def tokenize_prompt(
-    tokenizer, request: pb.Request, text: str, max_input_tokens: int | None, warmup: bool
+    tokenizer, request: RequestSpec, text: str, max_input_tokens: int | None, warmup: bool
 ) -> list[int]:
     kwargs = {"add_special_tokens": request.add_special_tokens}
     if request.truncate > 0:
@@ -62,7 +46,7 @@ def _tail_ids(tokenizer, text: str, keep: int, kwargs: dict) -> list[int] | None
     return None
 
 
-def _refuse_long(tokenizer, request: pb.Request, text: str, max_input_tokens: int) -> None:
+def _refuse_long(tokenizer, request: RequestSpec, text: str, max_input_tokens: int) -> None:
     """No truncation asked, and the prompt's tail alone has more than --max-input-tokens: refuse
     it without tokenizing the rest."""
     limit = max_input_tokens + CUT_MARGIN

@@ -270,6 +270,20 @@ class TokenChooser:
         next_ids[self._sampling_index] = (probs / noise).argmax(dim=-1)
         return next_ids
 
+    def rows(self, indices: list[int]) -> TokenChooser:
+        """The requests at ``indices`` for one step, *sharing* their generators: a draw advances
+        the request's own stream (``filter`` clones them instead). Used when only some requests
+        of a batch yield a token in a pass (the others are mid-prompt)."""
+        if not indices or any(not 0 <= i < len(self.params) for i in indices):
+            raise ValueError(f"row indices {indices} must be non-empty and in [0, {len(self)})")
+        return TokenChooser(
+            [self.params[i] for i in indices],
+            self.device,
+            self.watermark_gamma,
+            self.watermark_delta,
+            generators=[self.generators[i] for i in indices],
+        )
+
     def filter(self, indices: list[int]) -> TokenChooser:
         """The requests at ``indices`` (in that order); their generators continue their streams."""
         if not indices or any(not 0 <= i < len(self.params) for i in indices):

@@ -1,5 +1,5 @@
-"""The gRPC servicer (protobuf in, protobuf out: each RPC delegates to the Generator) and the
-serve loop on ``unix://{uds_path}-{rank}``.
+"""The gRPC servicer (protobuf in, protobuf out through ``wire``: each RPC delegates to the
+Generator in plain values) and the serve loop on ``unix://{uds_path}-{rank}``.
 
 Generator calls run on one worker thread, in arrival order (the router sends Prefill/Decode
 strictly one after another), so the event loop stays free for Health and signals.
@@ -19,6 +19,7 @@ from loguru import logger
 from tgi_npu_backend.pb import generate_pb2 as pb
 from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
 
+from . import wire
 from .config import ServerConfig
 from .distributed import abort_process
 from .generator import Generator
@@ -35,7 +36,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def Info(self, request, context):
-        return self.generator.info()
+        return wire.info_pb(self.generator.info())
 
     async def Health(self, request, context):
         await self._run(self.generator.health)
@@ -50,13 +51,14 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def FilterBatch(self, request, context):
         batch = await self._run(self.generator.filter, request.batch_id, list(request.request_ids))
-        return pb.FilterBatchResponse(batch=batch)
+        return pb.FilterBatchResponse(batch=wire.cached_batch_pb(batch))
 
     async def Warmup(self, request, context):
         max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
         max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
         supported, max_input, max_total = await self._run(
-            self.generator.warmup, request.batch, max_input, request.max_prefill_tokens, max_total
+            self.generator.warmup, wire.batch_requests(request.batch), max_input,
+            request.max_prefill_tokens, max_total,
         )
         return pb.WarmupResponse(
             max_supported_total_tokens=supported, max_input_tokens=max_input, max_total_tokens=max_total
@@ -65,12 +67,12 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     async def Prefill(self, request, context):
         if request.HasField("cached_batch"):
             raise ValueError("Prefill with cached_batch needs chunking, which this shard does not declare")
-        out = await self._run(self.generator.prefill, request.batch)
-        return out.to_pb(pb.PrefillResponse)
+        out = await self._run(self.generator.prefill, request.batch.id, wire.batch_requests(request.batch))
+        return wire.step_pb(out, pb.PrefillResponse)
 
     async def Decode(self, request, context):
         out = await self._run(self.generator.decode, [b.id for b in request.batches])
-        return out.to_pb(pb.DecodeResponse)
+        return wire.step_pb(out, pb.DecodeResponse)
 
 
 async def serve_async(config: ServerConfig, generator: Generator) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from router_sim import RouterSim
+from router_sim import RouterSim, batch_requests, plain
 from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.config import ServerConfig
 from tgi_npu_backend.distributed import ParallelContext
@@ -29,13 +29,13 @@ class InProcess:
         self.gen = build_generator(cfg)
         self.sim = RouterSim("unused", AutoTokenizer.from_pretrained(model_dir, truncation_side="left"))
         warm = self.sim.warmup_request(None, None, 128, None)
-        supported, self.sim.max_input, self.sim.max_total = self.gen.warmup(warm.batch, None, 128, None)
+        supported, self.sim.max_input, self.sim.max_total = self.gen.warmup(batch_requests(warm.batch), None, 128, None)
         self.sim.allocator = BlockAllocator(supported, self.gen.block_size)
 
     def generate(self, requests: list[pb.Request]):
         """Prefill all together, decode until every request finished; tokens/logprobs per id."""
         out = {r.id: ([], [], None) for r in requests}
-        step = self.gen.prefill(self.sim.batch(requests))
+        step = self.gen.prefill(*plain(self.sim.batch(requests)))
         while True:
             for g in step.generations:
                 ids, lps, _ = out[g.request_id]
@@ -91,7 +91,7 @@ def test_eos_list_from_generation_config_stops(gemma_mqa_dir):
     # pretend the 4th greedy token is <end_of_turn>-like: make it one of the EOS ids
     shard.gen.text = dataclasses.replace(shard.gen.text, eos_token_ids=frozenset({1, ids[3]}))
     req = shard.sim.request("The quick brown fox", max_new_tokens=12)
-    step = shard.gen.prefill(shard.sim.batch([req]))
+    step = shard.gen.prefill(*plain(shard.sim.batch([req])))
     finished = None
     while finished is None:
         finished = next((g.generated_text for g in step.generations if g.generated_text), None)
@@ -110,7 +110,7 @@ def test_each_generation_comes_from_exactly_one_rank(bloom_dir):
     for rank in (0, 1):
         shard.gen.parallel = ParallelContext(rank=rank, world_size=2)
         batch = pb.Batch(id=100 + rank, requests=reqs, size=len(reqs))
-        step = shard.gen.prefill(batch)
+        step = shard.gen.prefill(*plain(batch))
         assert step.batch.request_ids == [r.id for r in reqs]  # every rank keeps every request
         for g in step.generations:
             assert g.request_id not in owners
@@ -159,7 +159,7 @@ def test_lm_head_runs_only_where_logits_are_used(bloom_dir, monkeypatch):
     n_long = len(shard.sim.tokenizer(long_text)["input_ids"])
     reqs = [shard.sim.request(PROMPTS[0], max_new_tokens=2), shard.sim.request(PROMPTS[1], max_new_tokens=2),
             shard.sim.request(long_text, max_new_tokens=2, prefill_logprobs=True)]
-    shard.gen.prefill(shard.sim.batch(reqs))
+    shard.gen.prefill(*plain(shard.sim.batch(reqs)))
     chunks = [min(4, n_long - 1 - s) for s in range(0, n_long - 1, 4)]
     assert rows == [3, *chunks]  # 3 last positions, then the logprob request's prompt in chunks
     rows.clear()

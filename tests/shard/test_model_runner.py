@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from router_sim import RouterSim
+from router_sim import RouterSim, batch_requests, plain
 from transformers import AutoTokenizer
 
 from tgi_npu_backend.config import ServerConfig
@@ -29,7 +29,7 @@ class Shard:
         self.gen = build_generator(ServerConfig.from_cli(model_id=str(model_dir), env=env))
         self.sim = RouterSim("unused", AutoTokenizer.from_pretrained(model_dir, truncation_side="left"))
         warm = self.sim.warmup_request(None, None, 128, None)
-        supported, self.sim.max_input, self.sim.max_total = self.gen.warmup(warm.batch, None, 128, None)
+        supported, self.sim.max_input, self.sim.max_total = self.gen.warmup(batch_requests(warm.batch), None, 128, None)
         self.sim.allocator = BlockAllocator(supported, self.gen.block_size)
         self.tokens: dict[int, list[int]] = {}
         self.logprobs: dict[int, list[float]] = {}
@@ -46,14 +46,14 @@ class Shard:
         of A leaves (filter), then everyone decodes to the end."""
         a = [self.sim.request(p, max_new_tokens=n, ignore_eos=True)
              for p, n in (("The quick brown fox", 6), ("Hello 深度学习", 20), ("def add(a, b):", 20))]
-        step = self.gen.prefill(self.sim.batch(a))
+        step = self.gen.prefill(*plain(self.sim.batch(a)))
         self.take(step)
         current = step.batch
         for _ in range(3):
             self.take(step := self.gen.decode([current.id]))
             current = step.batch
         b = [self.sim.request("numbers 0 1 2 3 4 5 6 7 8 9 10 100", max_new_tokens=12, ignore_eos=True)]
-        step_b = self.gen.prefill(self.sim.batch(b))
+        step_b = self.gen.prefill(*plain(self.sim.batch(b)))
         self.take(step_b)
         step = self.gen.decode([current.id, step_b.batch.id])
         live = self.take(step)
@@ -76,7 +76,7 @@ def test_incremental_decode_inputs_equal_rebuilt_ones(fixture, request, monkeypa
     forward = runner.forward
 
     def checked_forward(batch, kv_cache):
-        if not batch.is_prefill:
+        if not batch.prefilling:
             expected["inputs"] = runner.prepare(batch, kv_cache.block_size)
         return forward(batch, kv_cache)
 
@@ -116,8 +116,8 @@ def test_tokens_equal_a_run_that_rebuilds_every_step(bloom_dir, monkeypatch):
     incremental.scenario()
     rebuilt = Shard(bloom_dir)
     monkeypatch.setattr(DecodeInputs, "advanced", lambda self: pytest.fail("not rebuilt"))
-    rebuilt.gen.runner.choose = lambda batch, logits: batch.chooser(
-        logits, [r.all_ids for r in batch.requests]
+    rebuilt.gen.runner.choose = lambda batch, rows, logits: batch.chooser(
+        logits, [r.tokens for r in batch.requests]
     )  # no ids recorded: every decode step rebuilds its inputs
     rebuilt.scenario()
     assert incremental.tokens == rebuilt.tokens

@@ -27,7 +27,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from router_sim import U64_MAX, RouterSim, start_shard
+from router_sim import U64_MAX, RouterSim, batch_requests, plain, start_shard
 from tgi_npu_backend.config import ServerConfig
 from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.pb import generate_pb2 as pb
@@ -71,7 +71,7 @@ def serve_workload(model_dir: str, env: dict[str, str], world_size: int) -> dict
     gen = build_generator(cfg)
     sim = RouterSim("unused", AutoTokenizer.from_pretrained(model_dir, truncation_side="left"))
     warm = sim.warmup_request(None, None, 128, None)
-    warmup = gen.warmup(warm.batch, None, 128, None)
+    warmup = gen.warmup(batch_requests(warm.batch), None, 128, None)
     supported, sim.max_input, sim.max_total = warmup
     sim.allocator = BlockAllocator(supported, gen.block_size)
     first = [
@@ -97,10 +97,10 @@ def serve_workload(model_dir: str, env: dict[str, str], world_size: int) -> dict
                       list(out.batch.request_ids) if out.batch else None))
         return out.batch.id if out.batch else None
 
-    current = record(gen.prefill(sim.batch(first)))
+    current = record(gen.prefill(*plain(sim.batch(first))))
     for _ in range(2):
         current = record(gen.decode([current]))
-    joined = record(gen.prefill(sim.batch(later)))
+    joined = record(gen.prefill(*plain(sim.batch(later))))
     batches = [current, joined]
     while batches:
         current = record(gen.decode(batches))
