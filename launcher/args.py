@@ -18,6 +18,12 @@ REFUSED: dict[str, str] = {
     "--ngrok-authtoken": "ngrok tunnelling is not implemented",
     "--ngrok-edge": "ngrok tunnelling is not implemented",
     "--tokenizer-config-path": "the tokenizer (and chat template) is always the model's own",
+    "--rope-scaling": "RoPE scaling is not supported by the shard (BLOOM has no rotary embeddings; "
+    "Gemma is served at its trained context length)",
+    "--rope-factor": "RoPE scaling is not supported by the shard (BLOOM has no rotary embeddings; "
+    "Gemma is served at its trained context length)",
+    "--weights-cache-override": "pass the directory that holds the model (config.json, tokenizer "
+    "and *.safetensors) as --model-id instead",
 }
 
 # The environment forms of refused flags (clap reads each flag's UPPER_SNAKE variable), refused
@@ -30,6 +36,9 @@ REFUSED_ENV = (
     "--lora-adapters",
     "--ngrok",
     "--tokenizer-config-path",
+    "--rope-scaling",
+    "--rope-factor",
+    "--weights-cache-override",
 )
 
 BOOL_TRUE = {"1", "true", "yes", "on"}
@@ -67,11 +76,8 @@ class LauncherArgs:
     master_addr: str
     master_port: int
     huggingface_hub_cache: str | None
-    weights_cache_override: str | None
     disable_custom_kernels: bool
     cuda_memory_fraction: float
-    rope_scaling: str | None
-    rope_factor: float | None
     json_output: bool
     otlp_endpoint: str | None
     otlp_service_name: str
@@ -100,25 +106,39 @@ def _bool(value: str | bool) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in BOOL_TRUE
 
 
+def _help(text: str, dest: str, default) -> str:
+    """``text``, then, as clap's help does, the variable the flag also reads and its default
+    (the variable's value when it is set)."""
+    extras = [] if dest == "hostname" else [f"[env: {dest.upper()}]"]
+    if default not in (None, False):
+        extras.append("[default: %(default)s]")
+    return " ".join([text.replace("%", "%%"), *extras]).strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tgi-npu-launcher",
         description="Start text-generation-server shards and serve TGI's HTTP API "
-        "(a Python stand-in for text-generation-launcher + the v3 router).",
+        "(a Python stand-in for text-generation-launcher + the v3 router). Unsupported TGI "
+        f"flags are refused by name: {', '.join(REFUSED)}.",
     )
 
     def opt(name: str, type_=str, default=None, help_: str = "", **kw):
         dest = name.lstrip("-").replace("-", "_")
-        p.add_argument(name, type=type_, default=_env(dest, default), help=help_, **kw)
+        value = _env(dest, default)
+        p.add_argument(name, type=type_, default=value, help=_help(help_, dest, value), **kw)
 
     def flag(name: str, help_: str = ""):
         dest = name.lstrip("-").replace("-", "_")
-        p.add_argument(name, action="store_true", default=_bool(_env(dest, False)), help=help_)
+        value = _bool(_env(dest, False))
+        p.add_argument(name, action="store_true", default=value, help=_help(help_, dest, value))
 
     opt("--model-id", default="bigscience/bloom-560m", help_="local directory or hub id")
     opt("--revision")
     opt(
-        "--validation-workers", int, 2, "reported in /info; prompts are tokenized in the event loop"
+        "--validation-workers", int, 2,
+        "threads that tokenize long prompts (over 4096 characters) off the event loop; shorter "
+        "ones are tokenized inline",
     )
     opt("--sharded", _bool, help_="true/false: shard the model over --num-shard processes")
     opt("--num-shard", int)
@@ -136,20 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-batch-total-tokens", int)
     opt("--max-waiting-tokens", int, 20)
     opt("--max-batch-size", int)
-    opt("--cuda-graphs", help_="comma list, passed to the shards as CUDA_GRAPHS")
+    opt("--cuda-graphs", help_="only 0 (off) is accepted: the shards capture no graphs on CPU/NPU")
     opt("--hostname", default="0.0.0.0")
     opt("--port", int, 3000)
     p.add_argument("-p", dest="port", type=int, help=argparse.SUPPRESS)
     opt("--prometheus-port", int, help_="also serve /metrics on this port (off unless given)")
-    opt("--shard-uds-path", default="/tmp/text-generation-server")
+    opt(
+        "--shard-uds-path",
+        default="/tmp/text-generation-server",
+        help_="base path of the shards' sockets ('-RANK' is appended); give each server on a "
+        "machine its own",
+    )
     opt("--master-addr", default="localhost")
     opt("--master-port", int, 29500)
     opt("--huggingface-hub-cache")
-    opt("--weights-cache-override")
     flag("--disable-custom-kernels")
-    opt("--cuda-memory-fraction", float, 1.0)
-    opt("--rope-scaling", choices=["linear", "dynamic"])
-    opt("--rope-factor", float)
+    opt(
+        "--cuda-memory-fraction", float, 1.0,
+        "below 1: the share of memory left after the model and warmup that the KV pool takes "
+        "(passed as CUDA_MEMORY_FRACTION); 1 keeps the shard's default share",
+    )
     flag("--json-output")
     opt("--otlp-endpoint", help_="passed to the shards; the router exports no traces")
     opt("--otlp-service-name", default="text-generation-inference.router")
@@ -235,8 +261,17 @@ def _check(a: LauncherArgs) -> None:
         raise RefusedFlag(
             f"--max-best-of {a.max_best_of}: only best_of=1 is supported by tgi-npu-launcher"
         )
-    if a.validation_workers == 0:
+    if a.validation_workers < 1:
         raise RefusedFlag("`validation_workers` must be > 0")
+    if a.cuda_graphs is not None and a.cuda_graphs.replace(" ", "") not in ("", "0"):
+        raise RefusedFlag(
+            f"--cuda-graphs {a.cuda_graphs} (or CUDA_GRAPHS): the shards capture no graphs (CPU "
+            "and NPU run eagerly); drop the flag or pass 0"
+        )
+    if not 0.0 < a.cuda_memory_fraction <= 1.0:
+        raise RefusedFlag(f"--cuda-memory-fraction {a.cuda_memory_fraction}: must be in (0, 1]")
+    if a.max_total_tokens is not None and a.max_total_tokens < 2:
+        raise RefusedFlag(f"--max-total-tokens {a.max_total_tokens}: must be at least 2")
     if (
         a.max_input_tokens is not None
         and a.max_total_tokens is not None

@@ -12,6 +12,7 @@ import platform
 import signal
 import sys
 from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
 
 from .args import LauncherArgs, RefusedFlag, find_num_shards, parse_args
 from .client import ShardedClient
@@ -107,11 +108,15 @@ async def start_router(
 
 async def launch(args: LauncherArgs) -> int:
     loop = asyncio.get_running_loop()
+    # --validation-workers: the threads that tokenize long prompts (Validator, /tokenize)
+    loop.set_default_executor(
+        ThreadPoolExecutor(args.validation_workers, thread_name_prefix="validation")
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    config = load_config(args.model_id, args.revision)
+    config = load_config(args.model_id, args.revision, os.environ)
     world_size = find_num_shards(args.sharded, args.num_shard)
     attention, prefix_caching = resolve_attention(config, dict(os.environ))
     prefill_tokens = args.max_batch_prefill_tokens

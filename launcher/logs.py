@@ -67,6 +67,15 @@ def setup_logging(json_output: bool) -> None:
     root.setLevel(py_level)
     for noisy in ("aiohttp.access",):
         logging.getLogger(noisy).setLevel(max(py_level, logging.WARNING))
+    quiet_library_handlers()
+
+
+def quiet_library_handlers() -> None:
+    """huggingface_hub adds its own stderr handler *and* propagates to the root logger, so each of
+    its warnings was printed twice; drop its handler so they pass through ours once."""
+    import huggingface_hub.utils.logging  # noqa: F401 - configures the library's logger
+
+    logging.getLogger("huggingface_hub").handlers.clear()
 
 
 def emit_shard_line(line: str, rank: int, logger: logging.Logger) -> None:

@@ -6,28 +6,60 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
+
+from .errors import LauncherError
 
 log = logging.getLogger(__name__)
 
 
-def load_config(model_id: str, revision: str | None) -> dict | None:
-    """``<dir>/config.json`` for a local path, else the hub copy; None (with a warning) if absent."""
+def load_config(model_id: str, revision: str | None, env: Mapping[str, str]) -> dict:
+    """``<dir>/config.json`` for a local path, else the hub's (the cached copy offline).
+
+    Raises LauncherError, saying what to change, when there is none to read: then nothing
+    derived from it (attention, prefix caching, the prefill budget) would be right."""
     if os.path.isdir(model_id):
         path = os.path.join(model_id, "config.json")
+        if not os.path.isfile(path):
+            raise LauncherError(f"--model-id {model_id}: the directory has no config.json")
     else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(model_id, "config.json", revision=revision)
-        except Exception as err:  # noqa: BLE001 - offline, gated, or not a model repo
-            log.warning(f"Could not read config.json of {model_id}: {err}")
-            return None
+        path = _hub_config(model_id, revision, env)
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except (OSError, ValueError) as err:
-        log.warning(f"Could not read {path}: {err}")
-        return None
+        raise LauncherError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise LauncherError(f"{path} is not a JSON object")
+    return config
+
+
+def _hub_config(model_id: str, revision: str | None, env: Mapping[str, str]) -> str:
+    from huggingface_hub import hf_hub_download
+
+    from tgi_npu_backend.hub import HubUnreachableError, ModelNotFoundError, check_hub_reachable
+
+    unreachable: HubUnreachableError | None = None
+    try:
+        check_hub_reachable(model_id, env)
+    except HubUnreachableError as err:
+        unreachable = err  # the cached copy may still do
+    except ModelNotFoundError as err:
+        raise LauncherError(str(err)) from None
+    local_only = unreachable is not None
+    try:
+        path = hf_hub_download(model_id, "config.json", revision=revision, local_files_only=local_only)
+    except Exception as err:  # noqa: BLE001 - not cached, gated, not a model repository, ...
+        if unreachable is not None:
+            raise LauncherError(str(unreachable)) from None
+        raise LauncherError(
+            f"cannot read config.json of {model_id!r} from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). Check the model id and revision, and HF_TOKEN for "
+            "gated models"
+        ) from None
+    if unreachable is not None:
+        log.info(f"The hub is not asked ({unreachable.reason}): using the cached config.json of {model_id}")
+    return path
 
 
 def head_dim(config: dict) -> int | None:
@@ -43,7 +75,7 @@ def head_dim(config: dict) -> int | None:
     return None
 
 
-def resolve_attention(config: dict | None, env: dict[str, str]) -> tuple[str, str]:
+def resolve_attention(config: dict | None, env: Mapping[str, str]) -> tuple[str, str]:
     """(ATTENTION, PREFIX_CACHING) as TGI's launcher computes them without a CUDA device: the
     fallback attention is ``paged``. Values already in the environment are kept."""
     prefix = env.get("PREFIX_CACHING")

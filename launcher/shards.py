@@ -21,7 +21,6 @@ shard_log = logging.getLogger("shard")
 
 PROGRAM = "text-generation-server"
 STDERR_LINES = 2000
-DEFAULT_CUDA_GRAPHS = "1,2,4,8,16,32"
 
 
 def hf_transfer_env(env: dict[str, str]) -> str | None:
@@ -43,8 +42,6 @@ def base_env(args: LauncherArgs) -> dict[str, str]:
         env["HF_TOKEN"] = env["HF_API_TOKEN"]
     if args.huggingface_hub_cache:
         env["HUGGINGFACE_HUB_CACHE"] = args.huggingface_hub_cache
-    if args.weights_cache_override:
-        env["WEIGHTS_CACHE_OVERRIDE"] = args.weights_cache_override
     return env
 
 
@@ -63,25 +60,14 @@ def shard_env(
         CUDA_MEMORY_FRACTION=str(args.cuda_memory_fraction),
         SAFETENSORS_FAST_GPU="1",
     )
-    if args.rope_scaling is not None and args.rope_factor is not None:
-        env["ROPE_SCALING"] = args.rope_scaling
-        env["ROPE_FACTOR"] = str(args.rope_factor)
-    elif args.rope_scaling is not None or args.rope_factor is not None:
-        env["ROPE_SCALING"] = args.rope_scaling or "linear"
-        env["ROPE_FACTOR"] = str(args.rope_factor if args.rope_factor is not None else 1.0)
     if args.max_total_tokens is not None:
         env["MAX_TOTAL_TOKENS"] = str(args.max_total_tokens)
     if args.max_batch_size is not None:
         env["MAX_BATCH_SIZE"] = str(args.max_batch_size)
     if args.enable_prefill_logprobs:
         env["REQUEST_LOGPROBS"] = "1"
-    graphs = (
-        DEFAULT_CUDA_GRAPHS
-        if args.cuda_graphs is None
-        else ",".join(g for g in args.cuda_graphs.split(",") if g.strip() and int(g) > 0)
-    )
-    if graphs:
-        env["CUDA_GRAPHS"] = graphs
+    # NOTE: no CUDA_GRAPHS (TGI sets 1,2,4,8,16,32): the shards capture no graphs, and --cuda-graphs
+    # other than 0 is refused; ROPE_SCALING/ROPE_FACTOR and WEIGHTS_CACHE_OVERRIDE are refused too.
     if args.disable_custom_kernels:
         env["DISABLE_CUSTOM_KERNELS"] = "True"
     if args.watermark_gamma is not None:

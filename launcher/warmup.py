@@ -44,14 +44,22 @@ def build_warmup_request(
     max_batch_size: int | None,
 ) -> pb.WarmupRequest:
     """Requests of ``"_test "`` x truncate until ``max_prefill_tokens`` are covered; all with
-    id 0, no blocks/slots, the first one with an image chunk too."""
+    id 0, no blocks/slots, the first one with an image chunk too.
+
+    Without ``max_input_tokens``, a request keeps at most ``max_total_tokens - 1`` prompt tokens,
+    so that its ``max_new_tokens = max_total_tokens - truncate`` stays >= 1 (the Rust router
+    computes that difference unchecked; with --max-total-tokens below the prefill budget it would
+    go negative)."""
+    per_request = max_input_tokens
+    if per_request is None and max_total_tokens is not None:
+        per_request = max_total_tokens - 1
     n_tokens = 0
     requests: list[pb.Request] = []
     image = base64.b64decode(WARMUP_IMAGE_BASE64)
     while n_tokens < max_prefill_tokens:
         truncate = max_prefill_tokens - n_tokens
-        if max_input_tokens is not None:
-            truncate = min(max_input_tokens, truncate)
+        if per_request is not None:
+            truncate = min(per_request, truncate)
         text = "_test " * truncate
         chunks = [pb.InputChunk(text=text)]
         inputs = text

@@ -11,12 +11,14 @@ import sys
 import click
 from loguru import logger
 
+from . import launcher_env
 from .config import ServerConfig, normalize_log_level
 
 KV_FRACTION_HELP = (
     "Share of memory given to the paged KV pool, measured after the model is loaded and the "
-    "warmup batch has run: on CPU a share of MemAvailable (/proc/meminfo, default 0.2), on NPU a "
-    "share of free device memory (default 0.9). Env: TGI_NPU_KV_CACHE_FRACTION."
+    "warmup batch has run: on CPU a share of MemAvailable (/proc/meminfo), on NPU of free device "
+    "memory (default 0.2 on CPU, 0.9 on NPU). Env: TGI_NPU_KV_CACHE_FRACTION; TGI's "
+    "CUDA_MEMORY_FRACTION (--cuda-memory-fraction) below 1 counts as this."
 )
 
 
@@ -46,12 +48,12 @@ def setup_logging(level: str | None, json_output: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    logger.error(message)
+    """Print ``message`` once, on stderr (both launchers show a failed shard's stderr), and exit 1."""
     click.echo(f"Error: {message}", err=True)
     sys.exit(1)
 
 
-@click.group()
+@click.group(context_settings={"show_default": True})
 def main() -> None:
     """TGI v3 model server (shard) for BLOOM and Gemma on Ascend NPUs (CPU fallback)."""
 
@@ -88,6 +90,8 @@ def serve(model_id: str, **flags) -> None:
         setup_logging("INFO", flags.get("json_output", False))
         _fail(str(err))
     setup_logging(config.log_level, config.json_output)
+    for note in launcher_env.notes(os.environ):
+        logger.info(note)
     from .errors import FatalError
     from .server import serve as run_server
 
@@ -151,6 +155,7 @@ def download_weights(
     """Make MODEL_ID's safetensors weights available locally (converting .bin safely if needed)."""
     try:
         setup_logging(normalize_log_level(logger_level), json_output)
+        launcher_env.check_unsupported(os.environ)
     except ValueError as err:
         setup_logging("INFO", json_output)
         _fail(str(err))
@@ -158,7 +163,10 @@ def download_weights(
 
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
     try:
-        path = fetch(model_id, revision=revision, extension=extension, auto_convert=auto_convert, cache_dir=cache)
+        path = fetch(
+            model_id, revision=revision, extension=extension, auto_convert=auto_convert,
+            cache_dir=cache, env=dict(os.environ),
+        )
     except ValueError as err:
         _fail(str(err))
     logger.info(f"weights for {model_id} are in {path}")

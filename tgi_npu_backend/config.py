@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import launcher_env
+
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "npu", "npu-emulated")
 
@@ -180,6 +182,15 @@ class ServerConfig:
             kv_cache_fraction = _env_float(env, "TGI_NPU_KV_CACHE_FRACTION", 0.0)
         if kv_cache_fraction is not None and not 0.0 < kv_cache_fraction <= 1.0:
             raise _flag_error("--kv-cache-fraction", kv_cache_fraction, "must be in (0, 1]")
+        launcher_env.check_unsupported(env)
+        memory_fraction = launcher_env.memory_fraction(env)
+        if memory_fraction is not None:
+            if kv_cache_fraction is not None and kv_cache_fraction != memory_fraction:
+                raise ValueError(
+                    f"CUDA_MEMORY_FRACTION={memory_fraction} (--cuda-memory-fraction) and "
+                    f"--kv-cache-fraction={kv_cache_fraction} disagree; set only one"
+                )
+            kv_cache_fraction = memory_fraction
 
         if dist_timeout is None:
             dist_timeout = _env_float(env, "TGI_NPU_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)

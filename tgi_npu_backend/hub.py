@@ -7,7 +7,11 @@ the files afterwards, without touching the network.
 
 from __future__ import annotations
 
+import socket
+import threading
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from loguru import logger
 
@@ -28,6 +32,76 @@ class ModelNotFoundError(ValueError):
     pass
 
 
+class HubUnreachableError(ModelNotFoundError):
+    """The hub cannot be asked (offline mode, or its host name does not resolve)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason  # short: "HF_HUB_OFFLINE is set", "huggingface.co does not resolve"
+
+
+ENV_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's reading of boolean variables
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+RESOLVE_TIMEOUT_S = 4.0
+
+
+def hub_offline(env: Mapping[str, str]) -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it."""
+    raw = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
+    return raw.upper() in ENV_TRUE
+
+
+def looks_like_path(model_id: str) -> bool:
+    """A model id meant as a directory (hub ids are ``name`` or ``owner/name``)."""
+    return model_id.startswith(("/", "./", "../", "~")) or model_id in (".", "..")
+
+
+def _resolves(host: str, port: int, timeout: float) -> str | None:
+    """None if ``host`` resolves within ``timeout`` seconds, else why not."""
+    outcome: list[str | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(getattr(err, "strerror", None) or str(err))
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:.0f} s"
+
+
+def check_hub_reachable(model_id: str, env: Mapping[str, str]) -> None:
+    """Fail at once, saying what to do, where huggingface_hub would retry for most of a minute:
+    in offline mode (HF_HUB_OFFLINE), or when the hub's host name does not resolve (no network).
+    With a proxy configured the proxy resolves names, so nothing is checked here."""
+    if looks_like_path(model_id):
+        raise ModelNotFoundError(f"model {model_id!r}: no such directory")
+    if hub_offline(env):
+        raise HubUnreachableError(
+            f"model {model_id!r} is not a local directory and not in the hub cache, and "
+            "HF_HUB_OFFLINE is set: pass a local directory as the model id, fill the cache "
+            f"where there is network (`text-generation-server download-weights {model_id}`, "
+            "HF_HUB_CACHE chooses where), or unset HF_HUB_OFFLINE",
+            "HF_HUB_OFFLINE is set",
+        )
+    if any(env.get(name) for name in PROXY_VARS):
+        return
+    url = urlsplit(env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT)
+    host = url.hostname or ""
+    why = _resolves(host, url.port or (443 if url.scheme == "https" else 80), RESOLVE_TIMEOUT_S)
+    if why is not None:
+        raise HubUnreachableError(
+            f"cannot fetch {model_id!r}: the Hugging Face Hub's host {host} does not resolve "
+            f"({why}). Without network, pass a local directory as the model id, or fill the "
+            "hub cache where there is network and set HF_HUB_OFFLINE=1",
+            f"{host} does not resolve",
+        )
+
+
 def _hub_error(model_id: str, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"could not fetch {model_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
@@ -41,6 +115,8 @@ def resolve_model_dir(model_id: str, revision: str | None = None, cache_dir: str
     path = Path(model_id)
     if path.is_dir():
         return path
+    if looks_like_path(model_id):
+        raise ModelNotFoundError(f"model {model_id!r}: no such directory")
     from huggingface_hub import snapshot_download
 
     try:
@@ -118,8 +194,10 @@ def download_weights(
     extension: str = ".safetensors",
     auto_convert: bool = True,
     cache_dir: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Path:
-    """Make ``model_id``'s weights available locally as safetensors; returns the directory."""
+    """Make ``model_id``'s weights available locally as safetensors; returns the directory.
+    ``env`` is the process environment (HF_HUB_OFFLINE, HF_ENDPOINT, proxies)."""
     if extension != ".safetensors":
         raise ValueError(f"--extension {extension}: only .safetensors weights are served")
     path = Path(model_id)
@@ -146,6 +224,7 @@ def download_weights(
             return cached
     except ModelNotFoundError:
         pass
+    check_hub_reachable(model_id, env or {})
     try:
         files = HfApi().list_repo_files(model_id, revision=revision)
         _refuse_adapter(model_id, files)

@@ -20,7 +20,9 @@ def test_defaults_match_text_generation_launcher(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flag", ["--quantize", "--speculate", "--lora-adapters", "--ngrok", "--kv-cache-dtype"]
+    "flag",
+    ["--quantize", "--speculate", "--lora-adapters", "--ngrok", "--kv-cache-dtype",
+     "--rope-scaling", "--rope-factor", "--weights-cache-override"],
 )
 def test_unsupported_flags_are_refused_by_name(flag):
     with pytest.raises(RefusedFlag, match=f"does not support {flag}"):
@@ -112,7 +114,8 @@ def test_shard_command_lines_and_env(monkeypatch):
     )
     assert env["ATTENTION"] == "paged" and env["PREFIX_CACHING"] == "0"
     assert env["MAX_TOTAL_TOKENS"] == "20" and env["MAX_BATCH_SIZE"] == "3"
-    assert env["CUDA_GRAPHS"] == "1,2,4,8,16,32" and env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert "CUDA_GRAPHS" not in env and env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert env["CUDA_MEMORY_FRACTION"] == "1.0"
     assert "LOG_LEVEL" not in env
 
 
@@ -156,7 +159,8 @@ def test_shard_json_log_lines_are_reemitted_at_their_level(caplog):
 @pytest.mark.parametrize(
     "var, value",
     [("QUANTIZE", "awq"), ("SPECULATE", "2"), ("KV_CACHE_DTYPE", "fp8"), ("LORA_ADAPTERS", "a"),
-     ("NGROK", "true"), ("TOKENIZER_CONFIG_PATH", "/t.json")],
+     ("NGROK", "true"), ("TOKENIZER_CONFIG_PATH", "/t.json"), ("ROPE_SCALING", "linear"),
+     ("ROPE_FACTOR", "2"), ("WEIGHTS_CACHE_OVERRIDE", "/w")],
 )
 def test_env_form_of_refused_flags_is_refused(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
@@ -176,3 +180,43 @@ def test_api_key_and_cors_from_flags_and_env(monkeypatch):
     assert a.api_key == "k" and a.cors_allow_origin == ("http://c", "d")
     with pytest.raises(RefusedFlag, match="graceful-termination-timeout"):
         parse_args(["--graceful-termination-timeout", "-1"])
+
+
+def test_launcher_flags_that_meant_cuda_are_honoured_or_refused(monkeypatch):
+    with pytest.raises(RefusedFlag, match=r"--cuda-graphs 1,2 \(or CUDA_GRAPHS\): the shards capture no graphs"):
+        parse_args(["--cuda-graphs", "1,2"])
+    monkeypatch.setenv("CUDA_GRAPHS", "4")
+    with pytest.raises(RefusedFlag, match="--cuda-graphs 4"):
+        parse_args([])
+    monkeypatch.setenv("CUDA_GRAPHS", "0")  # accepted; the shard accepts it from its environment
+    assert shard_env(parse_args([]), 0, 1, "paged", "0")["CUDA_GRAPHS"] == "0"
+    monkeypatch.delenv("CUDA_GRAPHS")
+    with pytest.raises(RefusedFlag, match="--cuda-memory-fraction 0.0"):
+        parse_args(["--cuda-memory-fraction", "0"])
+    a = parse_args(["--cuda-memory-fraction", "0.4"])
+    assert shard_env(a, 0, 1, "paged", "0")["CUDA_MEMORY_FRACTION"] == "0.4"
+    with pytest.raises(RefusedFlag, match="validation_workers"):
+        parse_args(["--validation-workers", "-1"])
+
+
+def test_help_shows_defaults_and_variables(capsys):
+    from tgi_npu_backend.launcher.args import build_parser
+
+    text = " ".join(build_parser().format_help().split("options:")[1].split())
+    assert "--port PORT [env: PORT] [default: 3000]" in text
+    assert "[env: SHARD_UDS_PATH] [default: /tmp/text-generation-server]" in text
+    assert "--max-input-tokens MAX_INPUT_TOKENS [env: MAX_INPUT_TOKENS] --" in text  # no default
+    assert "[default: None]" not in text and "[default: False]" not in text
+    assert "--hostname HOSTNAME [default: 0.0.0.0]" in text  # HOSTNAME is never read
+
+
+def test_warmup_without_max_input_keeps_max_new_tokens_positive():
+    from tgi_npu_backend.launcher.warmup import build_warmup_request
+
+    req = build_warmup_request(None, 4096, 96, None)
+    truncates = [r.truncate for r in req.batch.requests]
+    assert sum(truncates) == 4096 and max(truncates) == 95
+    assert all(r.stopping_parameters.max_new_tokens == 96 - r.truncate >= 1 for r in req.batch.requests)
+    assert req.max_total_tokens == 96 and not req.HasField("max_input_tokens")
+    with pytest.raises(RefusedFlag, match="--max-total-tokens 1: must be at least 2"):
+        parse_args(["--max-total-tokens", "1"])

@@ -20,7 +20,7 @@ from tgi_npu_backend.config import ServerConfig
 
 LAUNCHER_ENV = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
                 "ATTENTION": "flashinfer", "PREFIX_CACHING": "true", "HF_HUB_CACHE": "/tmp/hub",
-                "WATERMARK_GAMMA": "0.25", "WATERMARK_DELTA": "1.5", "CUDA_GRAPHS": "1,2,4",
+                "WATERMARK_GAMMA": "0.25", "WATERMARK_DELTA": "1.5", "CUDA_GRAPHS": "1,2,4,8,16,32",
                 "DISABLE_CUSTOM_KERNELS": "True", "HF_HUB_ENABLE_HF_TRANSFER": "1"}
 
 
@@ -245,6 +245,7 @@ def test_download_weights_from_the_hub_fetches_what_serving_needs(bloom_dir, tmp
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "check_hub_reachable", lambda model_id, env: None)  # no network here
     local = hub.download_weights("bigscience/bloom-tiny", revision="main")
     assert calls[0][:2] == ("bigscience/bloom-tiny", "main")
     for needed in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
