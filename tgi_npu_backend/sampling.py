@@ -2,8 +2,9 @@
 
 Follows TGI's ``HeterogeneousNextTokenChooser`` (``server/text_generation_server/utils/tokens.py``,
 ``logits_process.py``, ``watermark.py``): watermark -> repetition penalty -> frequency penalty ->
-warpers (temperature, top-k, top-p, typical-p) -> choice, and returns ``log_softmax`` of the
-*warped* scores as TGI does. Everything is batched over the vocabulary; the only loops are over
+grammar mask -> warpers (temperature, top-k, top-p, typical-p) -> choice, and returns
+``log_softmax`` of the *warped* scores as TGI does (for a grammar request: of the masked
+scores, so forbidden tokens have logprob ``-inf``). Everything is batched over the vocabulary; the only loops are over
 requests that need their own random generator (sampling rows, watermark rows).
 """
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import warpers
+from .grammar import GrammarMasks, GrammarState
 from .warpers import NEG_INF
 
 # NOTE: TGI utils/watermark.py: "a large prime number to create a rng seed with sufficient bit
@@ -113,6 +115,7 @@ class TokenChooser:
         watermark_delta: float = 2.0,
         *,
         generators: list[torch.Generator | None] | None = None,
+        grammars: list[GrammarState | None] | None = None,
     ) -> None:
         if not params:
             raise ValueError("TokenChooser needs the SamplingParams of at least one request")
@@ -129,7 +132,12 @@ class TokenChooser:
             (g is None) == p.is_sampling for g, p in zip(generators, params)
         ):
             raise ValueError("generators must hold one generator per sampling request, else None")
+        if grammars is None:
+            grammars = [None] * len(params)
+        if len(grammars) != len(params):
+            raise ValueError("grammars must hold one GrammarState or None per request")
         self.params = list(params)
+        self.grammars = list(grammars)
         self.device = torch.device(device)
         self.watermark_gamma = watermark_gamma
         self.watermark_delta = watermark_delta
@@ -160,6 +168,12 @@ class TokenChooser:
         self._max_top_k = max(p.top_k for p in params)
         self._top_p_any = any(p.top_p < 1.0 for p in params)
         self._typical_any = any(p.typical_p < 1.0 for p in params)
+        # Requests with a grammar: their rows masked in one batched op; none: no mask code runs.
+        grammar_rows = [i for i, g in enumerate(grammars) if g is not None]
+        self._masks = (
+            GrammarMasks(grammar_rows, [grammars[i] for i in grammar_rows], self.device)
+            if grammar_rows else None
+        )
         # Greedy with nothing to apply: argmax and log_softmax of the logits, nothing else.
         self._plain_greedy = not (
             self._sampling_rows or self._watermark or self._repetition_on or self._frequency_on
@@ -187,6 +201,11 @@ class TokenChooser:
             )
         # [B, V]; every step below is out of place: the caller's logits are never modified.
         scores = logits.to(device=self.device, dtype=torch.float32)
+        if self._masks is not None:
+            # NOTE: TGI masks after the penalties; masking first gives the same scores (a -inf
+            # logit stays -inf under +delta, *penalty, /penalty and -frequency) and lets the
+            # all-greedy path below serve grammar requests too.
+            scores = self._masks(scores)
         if self._plain_greedy:  # the all-greedy fast path: no processor, no warper applies
             return scores.argmax(dim=-1), torch.log_softmax(scores, dim=-1)
         if self._watermark:
@@ -294,6 +313,7 @@ class TokenChooser:
             self.watermark_gamma,
             self.watermark_delta,
             generators=[_clone_generator(self.generators[i]) for i in indices],
+            grammars=[self.grammars[i] for i in indices],
         )
 
     @classmethod
@@ -319,6 +339,7 @@ class TokenChooser:
             first.watermark_gamma,
             first.watermark_delta,
             generators=[_clone_generator(g) for c in choosers for g in c.generators],
+            grammars=[g for c in choosers for g in c.grammars],
         )
 
 

@@ -20,7 +20,7 @@ EOS = 2
 
 
 def state(tokenizer, request_id: int = 1) -> GrammarState:
-    return GrammarState(request_id, compiler_for(tokenizer, {EOS}).submit(SPEC))
+    return GrammarState.start(request_id, SPEC, compiler_for(tokenizer, {EOS}))
 
 
 def oracle(tokenizer, text: str, vocab: int) -> torch.Tensor:
@@ -48,8 +48,7 @@ def test_masks_follow_the_language(tokenizer, prefix):
     grammar_rows = [0, 2]
     states = [state(tokenizer), state(tokenizer, 2)]
     advance(tokenizer, states[0], prefix)  # row 0 at the prefix, row 2 at the start
-    words = compiler_for(tokenizer, {EOS}).words
-    masked = GrammarMasks(grammar_rows, states, words, torch.device("cpu"))(scores)
+    masked = GrammarMasks(grammar_rows, states, torch.device("cpu"))(scores)
 
     for row, text in ((0, prefix), (2, "")):
         expect = oracle(tokenizer, text, vocab)
@@ -66,9 +65,8 @@ def test_masks_follow_the_language(tokenizer, prefix):
 @pytest.mark.parametrize("word", WORDS)
 def test_each_word_tokenized_stays_allowed(tokenizer, word):
     s = state(tokenizer)
-    words = compiler_for(tokenizer, {EOS}).words
     for t in tokenizer(word)["input_ids"] + [EOS]:
-        assert GrammarMasks([0], [s], words, "cpu").allowed(len(tokenizer))[0, t], (word, t)
+        assert GrammarMasks([0], [s], "cpu").allowed(len(tokenizer))[0, t], (word, t)
         s.advance(t)
     assert not s.broken
 
@@ -77,7 +75,7 @@ def test_complete_text_allows_only_eos(tokenizer):
     s = state(tokenizer)
     advance(tokenizer, s, "birds")
     assert s.accepting
-    allowed = GrammarMasks([0], [s], compiler_for(tokenizer, {EOS}).words, "cpu").allowed(len(tokenizer))
+    allowed = GrammarMasks([0], [s], "cpu").allowed(len(tokenizer))
     assert allowed[0].nonzero().flatten().tolist() == [EOS]
 
 
@@ -85,7 +83,7 @@ def test_a_forbidden_token_leaves_the_request_unconstrained(tokenizer):
     s = state(tokenizer)
     s.advance(tokenizer("x")["input_ids"][0])
     assert s.broken and not s.accepting
-    allowed = GrammarMasks([0], [s], compiler_for(tokenizer, {EOS}).words, "cpu").allowed(len(tokenizer) + 3)
+    allowed = GrammarMasks([0], [s], "cpu").allowed(len(tokenizer) + 3)
     assert allowed[0, : len(tokenizer)].all() and not allowed[0, len(tokenizer):].any()
 
 
@@ -94,3 +92,10 @@ def test_states_are_independent_copies(tokenizer):
     advance(tokenizer, a, "dog")
     assert a.accepting and not b.accepting
     assert a.matcher is not b.matcher
+
+
+@pytest.mark.parametrize("eos", [{EOS}, {31, 63}])  # bit 31: the int32 sign bit
+def test_a_dead_end_allows_only_eos(tokenizer, eos):
+    s = GrammarState.start(1, GrammarSpec("regex", "[a&&b]"), compiler_for(tokenizer, eos))  # empty language
+    allowed = GrammarMasks([0], [s], "cpu").allowed(len(tokenizer))
+    assert allowed[0].nonzero().flatten().tolist() == sorted(eos)

@@ -17,19 +17,22 @@ from .state import GrammarState
 
 
 class GrammarMasks:
-    def __init__(self, rows: list[int], states: list[GrammarState], words: int, device: torch.device):
-        """``rows``: the batch rows with a grammar, ``states`` their grammar states; ``words``:
-        int32 words per row of the grammar tokenizer's bitmask."""
+    def __init__(self, rows: list[int], states: list[GrammarState], device: torch.device | str):
+        """``rows``: the batch rows with a grammar, ``states`` their grammar states (one
+        tokenizer: one bitmask width)."""
         if not rows or len(rows) != len(states):
             raise ValueError("GrammarMasks needs one GrammarState per grammar row (at least one)")
+        words = {s.words for s in states}
+        if len(words) != 1:
+            raise ValueError(f"the grammar states of one batch have different widths {sorted(words)}")
         self.rows = rows
         self.states = states
-        self.words = words
+        self.words = words.pop()
         self.device = torch.device(device)
         self.index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [G]
         # bit b of byte k: little-endian int32 words read as bytes keep token order (x86, arm64)
         self.bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=self.device)
-        self.host = torch.zeros((len(rows), words), dtype=torch.int32)  # [G, W], reused
+        self.host = torch.zeros((len(rows), self.words), dtype=torch.int32)  # [G, W], reused
 
     def allowed(self, vocab: int) -> Tensor:
         """``[G, vocab]`` bool: the tokens each grammar row may choose next. Ids past the

@@ -22,11 +22,26 @@ class GrammarState:
     end).
     """
 
-    def __init__(self, request_id: int, compiled: Future):
+    def __init__(self, request_id: int, compiled: Future, words: int, eos_token_ids):
+        """``compiled``: the future of the compiled grammar (``GrammarCompiler.submit``);
+        ``words``: int32 words of the tokenizer's allowed-token bits; ``eos_token_ids``: what a
+        dead end allows (see ``fill``)."""
         self.request_id = request_id
         self._compiled = compiled
+        self.words = words
+        self.eos_token_ids = sorted(eos_token_ids)
         self._matcher = None
         self.broken = False
+
+    @classmethod
+    def start(cls, request_id: int, spec, compiler) -> GrammarState:
+        """Start compiling ``spec`` (a :class:`GrammarSpec`) for the request; raises
+        :class:`GrammarError` naming the request when the grammar is refused outright."""
+        try:
+            compiled = compiler.submit(spec)
+        except GrammarError as e:
+            raise GrammarError(f"request {request_id}: {e}") from None
+        return cls(request_id, compiled, compiler.words, compiler.tokenizer.eos_tokens)
 
     @property
     def matcher(self):
@@ -41,11 +56,20 @@ class GrammarState:
 
     def fill(self, row: Tensor) -> None:
         """Write the allowed-token bits (bit ``t % 32`` of int32 word ``t // 32``) into ``row``,
-        a contiguous host int32 tensor of the tokenizer's width; all ones once broken."""
+        a contiguous host int32 tensor of ``words`` words; all ones once broken.
+
+        A grammar that can be neither continued nor ended (an unsatisfiable schema, such as
+        ``minimum`` above ``maximum``) allows nothing; the request then gets its EOS tokens, so
+        it ends instead of choosing from an all ``-inf`` row."""
         if self.broken:
             row.fill_(-1)
             return
         self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        if not bool(row.any()):
+            logger.warning(f"request {self.request_id}: its grammar allows no token here; ending it")
+            for t in self.eos_token_ids:
+                bit = 1 << (t % 32)
+                row[t // 32] |= bit - 2**32 if bit >= 2**31 else bit  # int32 two's complement
 
     def advance(self, token: int) -> None:
         """Consume the chosen token."""
