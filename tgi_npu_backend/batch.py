@@ -20,7 +20,7 @@ from torch import Tensor
 from .errors import InvalidRequestError
 from .outputs import CachedBatch
 from .prompt import tokenize_prompt
-from .request import Request, RequestSpec, sampling_params
+from .request import Request, RequestSpec, grammar_state, sampling_params
 from .sampling import TokenChooser
 from .settings import ShardSettings, TextSettings
 from .stopping import IncrementalDetokenizer, StoppingCriteria
@@ -152,6 +152,7 @@ def make_request(spec: RequestSpec, ctx: BatchContext, warmup: bool) -> Request:
         prefill_logprobs=spec.prefill_logprobs,
         owned=spec.id % ctx.world_size == ctx.rank,
         slot_tensor=slot_tensor,
+        grammar=None if warmup else grammar_state(spec, ctx.text.tokenizer, ctx.text.eos_token_ids),
     )
 
 
@@ -176,7 +177,7 @@ class Batch:
         if warmup:
             _warmup_kv(requests, ctx.block_size)
         chooser = TokenChooser(
-            [r.params for r in requests], ctx.settings.device,
+            [r.params for r in requests], ctx.settings.device, grammars=[r.grammar for r in requests],
             watermark_gamma=ctx.settings.watermark_gamma, watermark_delta=ctx.settings.watermark_delta,
         )
         return cls(id=batch_id, requests=requests, chooser=chooser)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import InvalidRequestError
+from .grammar import GRAMMAR_TYPES, GrammarError, GrammarSpec, GrammarState, compiler_for
 from .outputs import GeneratedText
 from .sampling import SamplingParams
 from .stopping import IncrementalDetokenizer, StoppingCriteria
@@ -60,7 +61,7 @@ class RequestSpec:
 
 def sampling_params(spec: RequestSpec) -> SamplingParams:
     """The request's sampling parameters, or InvalidRequestError naming it when the shard cannot
-    serve them (non-finite or impossible values, a grammar, max_new_tokens 0). The launcher's
+    serve them (non-finite or impossible values, max_new_tokens 0). The launcher's
     validation refuses all of these first: the protocol has no per-request error, so one refused
     request fails its whole Prefill."""
     for name in FLOAT_PARAMETERS:
@@ -77,16 +78,30 @@ def sampling_params(spec: RequestSpec) -> SamplingParams:
         params.validate()
     except ValueError as err:
         raise InvalidRequestError(f"request {spec.id}: {err}") from None
-    if spec.grammar:
-        raise InvalidRequestError(
-            f"request {spec.id}: grammar-constrained generation is not supported by this shard; "
-            "send no grammar (start the router with --disable-grammar-support)"
-        )
     if spec.max_new_tokens < 1:
         raise InvalidRequestError(
             f"request {spec.id}: max_new_tokens must be at least 1, got {spec.max_new_tokens}"
         )
     return params
+
+
+def grammar_state(spec: RequestSpec, tokenizer, eos_token_ids) -> GrammarState | None:
+    """The request's grammar, compiling on a worker thread (``grammar/compiler.py``), or None
+    (an empty grammar is none, as in TGI). InvalidRequestError names the request when the
+    grammar cannot compile: its Prefill fails before anything changes."""
+    if not spec.grammar:
+        return None
+    if spec.grammar_type not in GRAMMAR_TYPES:
+        raise InvalidRequestError(
+            f"request {spec.id}: a grammar needs grammar_type GRAMMAR_TYPE_JSON (a JSON schema) "
+            f"or GRAMMAR_TYPE_REGEX, got {spec.grammar_type or 'GRAMMAR_TYPE_NONE'}"
+        )
+    try:
+        return GrammarState.start(
+            spec.id, GrammarSpec(spec.grammar_type, spec.grammar), compiler_for(tokenizer, eos_token_ids)
+        )
+    except GrammarError as err:  # the message names the request
+        raise InvalidRequestError(str(err)) from None
 
 
 @dataclass(eq=False)
@@ -108,6 +123,7 @@ class Request:
     owned: bool  # this rank returns the request's Generations (id % world_size == rank)
     # slots[:kv_len] as a tensor: every KV slot this request reads or writes (overlap checks)
     slot_tensor: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    grammar: GrammarState | None = None  # the request's place in its grammar, advanced by take
     finished: bool = False
     # logprob of prompt token p + 1 at position p, for p = cache_len .. cursor - 1 (when asked)
     prompt_logprobs: list[float] = field(default_factory=list)
@@ -167,6 +183,8 @@ class Request:
     def take(self, token: int) -> tuple[str, GeneratedText | None]:
         """Append a generated token: its text piece, and the request's final text when it stops."""
         self.tokens.append(token)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         special = token in self.special_ids
         piece = self.detokenizer.step(token, special)
         stop, reason = self.stopping(token, "" if special else piece)

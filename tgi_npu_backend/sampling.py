@@ -301,6 +301,7 @@ class TokenChooser:
             self.watermark_gamma,
             self.watermark_delta,
             generators=[self.generators[i] for i in indices],
+            grammars=[self.grammars[i] for i in indices],
         )
 
     def filter(self, indices: list[int]) -> TokenChooser:
