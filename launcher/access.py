@@ -2,9 +2,9 @@
 (``router/src/server.rs``).
 
 * API key: the generation routes (``POST /``, ``/generate``, ``/generate_stream``,
-  ``/v1/chat/completions``, ``/v1/completions``, ``/tokenize``) need
+  ``/v1/chat/completions``, ``/v1/completions``, ``/tokenize``, ``/invocations``) need
   ``Authorization: Bearer <key>`` (compared case-insensitively, as TGI does); health, info,
-  metrics and model listing stay open. A missing or wrong key is 401.
+  metrics, model listing, ``/chat_tokenize`` and the API docs stay open. A missing or wrong key is 401.
 * CORS: the outermost layer; ``GET``/``POST`` from any origin unless ``--cors-allow-origin``
   lists some (then only those get ``access-control-allow-origin``). Preflight ``OPTIONS`` is
   answered before the key is checked, as browsers send no credentials with it.
@@ -25,6 +25,7 @@ PROTECTED = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/tokenize",
+        "/invocations",
     )
 )
 VARY = "origin, access-control-request-method, access-control-request-headers"

@@ -11,16 +11,7 @@ from aiohttp import web
 
 from .entities import EndEvent, TokenEvent, chat_finish_reason
 from .errors import InferError, ValidationError
-from .http_api import (
-    AppState,
-    dumps,
-    generate_json,
-    read_json,
-    send_sse,
-    start_sse,
-    state_of,
-    stream_generate,
-)
+from .http_api import AppState, generate_json, json_response, read_json, state_of, stream_generate
 from .openai_api import (
     DONE,
     adapter_id_for,
@@ -29,58 +20,52 @@ from .openai_api import (
     sampling_params,
     usage_json,
 )
-from .schemas import Fields, GenerateParameters, GenerateRequest
+from .openai_schemas import CompletionRequest
+from .schemas import GenerateParameters, GenerateRequest
+from .sse import SseStream
+from .wire import parse
 
 
 def completion_requests(
     state: AppState, body: Any, max_client_batch_size: int
 ) -> tuple[list[GenerateRequest], dict]:
-    f = Fields(body, "")
-    if "prompt" not in body:
-        raise ValidationError(
-            "Failed to deserialize the JSON body into the target type: missing field `prompt`"
-        )
-    prompts = f.get("prompt", "str_list")
-    if body.get("suffix") is not None:
+    c = parse(CompletionRequest, body)
+    if c.suffix is not None:
         raise ValidationError(
             "Suffix is not supported and can be achieved by preprocessing the prompt."
         )
-    if len(prompts) > max_client_batch_size:
+    if len(c.prompt) > max_client_batch_size:
         raise ValidationError(
             f"Number of prompts exceeds the maximum allowed batch size of {max_client_batch_size}"
         )
-    do_sample, temperature = sampling_params(f)
-    stream = bool(f.get("stream", "bool", False))
-    model = f.get("model", "str")
+    do_sample, temperature = sampling_params(c.temperature)
     requests = [
         GenerateRequest(
             inputs=prompt,
             add_special_tokens=True,
             parameters=GenerateParameters(
                 temperature=temperature,
-                repetition_penalty=f.get("repetition_penalty", "f32"),
-                frequency_penalty=f.get("frequency_penalty", "f32"),
-                top_p=f.get("top_p", "f32"),
+                repetition_penalty=c.repetition_penalty,
+                frequency_penalty=c.frequency_penalty,
+                top_p=c.top_p,
                 do_sample=do_sample,
-                max_new_tokens=f.get("max_tokens", "u32"),
-                stop=f.get("stop", "str_list", []),
+                max_new_tokens=c.max_tokens,
+                stop=c.stop or [],
                 details=True,
-                seed=f.get("seed", "u64"),
-                adapter_id=adapter_id_for(model),
+                seed=c.seed,
+                adapter_id=adapter_id_for(c.model),
             ),
         )
-        for prompt in prompts
+        for prompt in c.prompt
     ]
-    return requests, {"stream": stream}
+    return requests, {"stream": bool(c.stream)}
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
+async def completions_body(request: web.Request, body: Any) -> web.StreamResponse:
     state = state_of(request)
     start_time = time.monotonic()
     state.metrics.inc("tgi_request_count")
-    requests, extra = completion_requests(
-        state, await read_json(request), state.info["max_client_batch_size"]
-    )
+    requests, extra = completion_requests(state, body, state.info["max_client_batch_size"])
     model = state.model_id
 
     def choice(index: int, text: str, finish_reason: str) -> dict:
@@ -115,17 +100,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     results = await asyncio.gather(*(generate_json(state, r, start_time) for r in requests))
     choices, prompt_tokens, completion_tokens = [], 0, 0
-    for index, (body, _, input_length) in enumerate(results):
-        d = body["details"]
+    for index, (answer, _, input_length) in enumerate(results):
+        d = answer["details"]
         prompt_tokens += input_length
         completion_tokens += d["generated_tokens"]
         choices.append(
-            choice(index, body["generated_text"], chat_finish_reason(d["finish_reason"]))
+            choice(index, answer["generated_text"], chat_finish_reason(d["finish_reason"]))
         )
-    return web.json_response(
-        {**head(), "choices": choices, "usage": usage_json(prompt_tokens, completion_tokens)},
-        dumps=lambda o: dumps(o).decode(),
+    return json_response(
+        {**head(), "choices": choices, "usage": usage_json(prompt_tokens, completion_tokens)}
     )
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await completions_body(request, await read_json(request))
 
 
 async def _stream_many(
@@ -137,7 +125,9 @@ async def _stream_many(
         for r in requests:  # validate and queue them all before the first byte
             cm = state.infer.stream(r)
             streams.append((cm, await cm.__aenter__()))
-        resp = await start_sse(request, {"x-compute-type": state.compute_type})
+        sse = await SseStream.open(
+            request, {"x-compute-type": state.compute_type}, state.keep_alive_s
+        )
         out: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream) -> None:
@@ -163,10 +153,13 @@ async def _stream_many(
         tasks = [asyncio.create_task(pump(i, s)) for i, (_, s) in enumerate(streams)]
         waiter = asyncio.gather(*tasks)
         waiter.add_done_callback(lambda _: out.put_nowait(None))
-        while (item := await out.get()) is not None:
-            await send_sse(resp, item)
-        await send_sse(resp, DONE)
-        return resp
+        try:
+            while (item := await out.get()) is not None:
+                await sse.send(item)
+            await sse.send(DONE)
+        finally:
+            await sse.close()
+        return sse.resp
     finally:
         for cm, _ in reversed(streams):
             await cm.__aexit__(None, None, None)

@@ -15,6 +15,15 @@ def chat_finish_reason(reason: str) -> str:
 
 
 @dataclass(frozen=True)
+class ValidGrammar:
+    """A checked grammar, as the shard receives it: ``kind`` ``"json"`` (``value``: a JSON schema
+    as text) or ``"regex"``."""
+
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True)
 class ValidParameters:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
@@ -25,6 +34,7 @@ class ValidParameters:
     do_sample: bool = False
     seed: int = 0
     watermark: bool = False
+    grammar: ValidGrammar | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ class TemplateError(InferError):
         super().__init__(f"Template error: {message}")
 
 
+class ToolError(InferError):
+    status = 422
+    error_type = "tool_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Tool error: {message}")
+
+
 class GenerationError(InferError):
     status = 424
     error_type = "generation"

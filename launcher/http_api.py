@@ -8,9 +8,9 @@ answered with their HTTP status instead of TGI's ``200`` + SSE error event.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,11 @@ from .errors import IncompleteGenerationStreamError, InferError, ValidationError
 from .infer import Infer
 from .json_body import parse_json
 from .metrics import Metrics
-from .schemas import GenerateRequest, details_json, stream_event_json
+from .schemas import CompatGenerateRequest, GenerateRequest, details_json, stream_event_json
+from .sse import KEEP_ALIVE_S, SseStream, dumps
 from .tokenizer import Tokenizer
 from .validation import INLINE_TOKENIZE_CHARS
+from .wire import parse
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class AppState:
     metrics: Metrics
     info: dict[str, Any]  # the /info body
     compute_type: str = "cpu"
+    keep_alive_s: float = KEEP_ALIVE_S  # SSE keep-alive comment interval
 
     @property
     def model_id(self) -> str:
@@ -75,28 +78,6 @@ async def read_json(request: web.Request) -> Any:
     return parse_json(await request.read())
 
 
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False).encode()
-
-
-async def start_sse(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-            **headers,
-        }
-    )
-    await resp.prepare(request)
-    return resp
-
-
-async def send_sse(resp: web.StreamResponse, data: Any) -> None:
-    payload = data if isinstance(data, bytes) else dumps(data)
-    await resp.write(b"data: " + payload + b"\n\n")
-
-
 def base_headers(state: AppState, req: GenerateRequest) -> dict[str, str]:
     return {"x-compute-type": state.compute_type, "x-compute-characters": str(len(req.inputs))}
 
@@ -121,6 +102,44 @@ async def generate_json(
     return body, headers, resp.input_length
 
 
+@dataclass
+class Restart:
+    """Returned by a ``render`` to replace the running request with ``request`` (rendered by
+    ``render``) in the same SSE response: TGI's chat stream does this when the model picks
+    ``no_tool``."""
+
+    request: GenerateRequest
+    render: Callable
+
+
+async def _pump(stream, sse: SseStream, state: AppState, start_time: float, render):
+    """Send one request's events; a ``Restart`` when ``render`` asks for one."""
+    index = 0
+    async for event in stream:
+        index += 1
+        if isinstance(event, PrefillEvent):
+            continue
+        details = None
+        if isinstance(event, EndEvent):
+            g = event.generated_text
+            state.infer.record_success(start_time, event.queued, event.start, g.generated_tokens)
+            details = {
+                "finish_reason": g.finish_reason,
+                "generated_tokens": g.generated_tokens,
+                "seed": g.seed,
+                "input_length": stream.input_length,
+            }
+        data = render(index, event, details)
+        if isinstance(data, Restart):
+            return data
+        for item in data if isinstance(data, list) else [data] if data is not None else []:
+            await sse.send(item)
+    if not stream.finished:
+        state.metrics.inc("tgi_request_failure", err="incomplete")
+        raise IncompleteGenerationStreamError()
+    return None
+
+
 async def stream_generate(
     request: web.Request,
     state: AppState,
@@ -131,8 +150,9 @@ async def stream_generate(
     done: bytes | None = None,
 ) -> web.StreamResponse:
     """Stream ``req`` as SSE; ``render(index, event, details)`` turns an event into the JSON of
-    ``data:`` lines (a dict, a list of dicts, or None). Validation/overload errors raise before
-    streaming; later errors become one ``error_event(err)`` line. ``done`` ends the stream."""
+    ``data:`` lines (a dict, a list of dicts, None, or a ``Restart``). Validation/overload errors
+    raise before streaming; later errors become one ``error_event(err)`` line. ``done`` ends the
+    stream. Keep-alive comments go out while no event does (``sse``)."""
     p = req.parameters
     if (p.best_of or 1) != 1:
         raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
@@ -140,40 +160,31 @@ async def stream_generate(
         raise ValidationError(
             "`decoder_input_details` == true is not supported when streaming tokens"
         )
-    async with state.infer.stream(req) as stream:
-        resp = await start_sse(request, base_headers(state, req))
-        index = 0
-        try:
-            async for event in stream:
-                index += 1
-                if isinstance(event, PrefillEvent):
-                    continue
-                details = None
-                if isinstance(event, EndEvent):
-                    g = event.generated_text
-                    state.infer.record_success(
-                        start_time, event.queued, event.start, g.generated_tokens
-                    )
-                    details = {
-                        "finish_reason": g.finish_reason,
-                        "generated_tokens": g.generated_tokens,
-                        "seed": g.seed,
-                        "input_length": stream.input_length,
-                    }
-                data = render(index, event, details)
-                for item in data if isinstance(data, list) else [data] if data is not None else []:
-                    await send_sse(resp, item)
-        except InferError as err:
-            await send_sse(resp, error_event(err))
-        except ConnectionError:  # the client went away; leaving `stream` cancels the request
-            return resp
-        else:
-            if not stream.finished:
-                state.metrics.inc("tgi_request_failure", err="incomplete")
-                await send_sse(resp, error_event(IncompleteGenerationStreamError()))
+    sse: SseStream | None = None
+    try:
+        async with state.infer.stream(req) as stream:
+            sse = await SseStream.open(request, base_headers(state, req), state.keep_alive_s)
+            try:
+                restart = await _pump(stream, sse, state, start_time, render)
+            except InferError as err:
+                restart = None
+                await sse.send(error_event(err))
+        while restart is not None:
+            try:
+                async with state.infer.stream(restart.request) as stream:
+                    restart = await _pump(stream, sse, state, start_time, restart.render)
+            except InferError as err:
+                await sse.send(error_event(err))
+                break
         if done is not None:
-            await send_sse(resp, done)
-        return resp
+            await sse.send(done)
+    except ConnectionError:  # the client went away; leaving `stream` cancelled the request
+        if sse is None:
+            raise
+    finally:
+        if sse is not None:
+            await sse.close()
+    return sse.resp
 
 
 def native_render(req: GenerateRequest, details_wanted: bool):
@@ -190,39 +201,47 @@ def native_render(req: GenerateRequest, details_wanted: bool):
     return render
 
 
+def json_response(body: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, headers=headers, dumps=lambda o: dumps(o).decode())
+
+
 async def generate(request: web.Request) -> web.Response:
     state = state_of(request)
     start_time = time.monotonic()
     state.metrics.inc("tgi_request_count")
-    req = GenerateRequest.parse(await read_json(request))
+    req = parse(GenerateRequest, await read_json(request))
     body, headers, _ = await generate_json(state, req, start_time)
-    return web.json_response(body, headers=headers, dumps=lambda o: dumps(o).decode())
+    return json_response(body, headers)
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     state = state_of(request)
     start_time = time.monotonic()
     state.metrics.inc("tgi_request_count")
-    req = GenerateRequest.parse(await read_json(request))
+    req = parse(GenerateRequest, await read_json(request))
     return await stream_generate(
         request, state, req, start_time, native_render(req, req.parameters.details)
     )
 
 
-async def compat_generate(request: web.Request) -> web.StreamResponse:
+async def compat_generate_body(request: web.Request, body: Any) -> web.StreamResponse:
     """``POST /``: ``{inputs, parameters, stream}``; the non-stream answer is a one-item list."""
     state = state_of(request)
     start_time = time.monotonic()
     state.metrics.inc("tgi_request_count")
-    req = GenerateRequest.parse(await read_json(request))
+    req = parse(CompatGenerateRequest, body)
     if req.parameters.return_full_text is None:
         req.parameters.return_full_text = False
     if req.stream:
         return await stream_generate(
             request, state, req, start_time, native_render(req, req.parameters.details)
         )
-    body, headers, _ = await generate_json(state, req, start_time)
-    return web.json_response([body], headers=headers, dumps=lambda o: dumps(o).decode())
+    answer, headers, _ = await generate_json(state, req, start_time)
+    return json_response([answer], headers)
+
+
+async def compat_generate(request: web.Request) -> web.StreamResponse:
+    return await compat_generate_body(request, await read_json(request))
 
 
 async def info(request: web.Request) -> web.Response:
@@ -240,16 +259,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+async def tokenize_text(state: AppState, text: str, add_special_tokens: bool) -> list[dict]:
+    if len(text) <= INLINE_TOKENIZE_CHARS:
+        return state.tokenizer.tokenize(text, add_special_tokens)
+    # a long text: off the event loop, with the GIL released
+    return await asyncio.to_thread(state.tokenizer.tokenize, text, add_special_tokens, True)
+
+
 async def tokenize(request: web.Request) -> web.Response:
     state = state_of(request)
-    req = GenerateRequest.parse(await read_json(request))
-    if len(req.inputs) <= INLINE_TOKENIZE_CHARS:
-        tokens = state.tokenizer.tokenize(req.inputs, req.add_special_tokens)
-    else:  # a long text: off the event loop, with the GIL released
-        tokens = await asyncio.to_thread(
-            state.tokenizer.tokenize, req.inputs, req.add_special_tokens, True
-        )
-    return web.json_response(tokens, dumps=lambda o: dumps(o).decode())
+    req = parse(GenerateRequest, await read_json(request))
+    return json_response(await tokenize_text(state, req.inputs, req.add_special_tokens))
 
 
 def build_app(
@@ -257,10 +277,14 @@ def build_app(
     payload_limit: int = 2_000_000,
     api_key: str | None = None,
     cors_allow_origin: tuple[str, ...] = (),
+    tracer: Any = None,
 ) -> web.Application:
-    from . import completions, openai_api
+    from . import completions, docs, openai_api, sagemaker
+    from .tracing import tracing_middleware
 
     middlewares = [error_middleware]
+    if tracer is not None:
+        middlewares.insert(0, tracing_middleware(tracer))
     if api_key:
         middlewares.insert(0, auth_middleware(api_key))
     app = web.Application(client_max_size=payload_limit, middlewares=middlewares)
@@ -277,4 +301,6 @@ def build_app(
     app.router.add_post("/tokenize", tokenize)
     openai_api.add_routes(app)
     completions.add_routes(app)
+    sagemaker.add_routes(app)
+    docs.add_routes(app)
     return app

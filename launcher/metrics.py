@@ -1,7 +1,9 @@
 """A small Prometheus registry (counters, gauges, histograms) rendered in text format 0.0.4.
 
-Metric names follow the Rust router's (``tgi_request_count``, ``tgi_batch_current_size``, ...);
-counters carry no ``_total`` suffix, as metrics-exporter-prometheus renders them.
+Metric names, labels, buckets and descriptions follow the Rust router's (``tgi_request_count``,
+``tgi_batch_current_size``, ...; ``router/src/server.rs`` and ``backends/v3``); counters carry no
+``_total`` suffix, as metrics-exporter-prometheus renders them. Series TGI lacks:
+``tgi_kv_blocks_free`` / ``tgi_kv_blocks_total`` (the router's block allocator).
 """
 
 from __future__ import annotations
@@ -12,59 +14,54 @@ from collections import defaultdict
 
 Labels = tuple[tuple[str, str], ...]
 
-DURATION_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-COUNT_BUCKETS = tuple(float(2**i) for i in range(16))
-# Histograms measured in tokens or requests rather than seconds.
-COUNT_HISTOGRAMS = {
-    "tgi_request_input_length",
-    "tgi_request_generated_tokens",
-    "tgi_request_max_new_tokens",
-    "tgi_batch_next_size",
-    "tgi_request_skipped_tokens",
-}
 
+# The Rust router's buckets (``router/src/server.rs``): every histogram whose name ends in
+# "duration" gets 35 geometric buckets from 0.00015 s (x1.5 each); prompt lengths 100 steps of
+# max_input_tokens / 100; generated and max_new_tokens 100 steps of max_total_tokens / 100;
+# batch sizes 1..1024.
+def _geometric(start: float, factor: float, n: int) -> tuple[float, ...]:
+    out, value = [], start
+    for _ in range(n):  # repeated multiplication, as the router computes them (same floats)
+        value *= factor
+        out.append(value)
+    return tuple(out)
+
+
+DURATION_BUCKETS = _geometric(0.0001, 1.5, 35)
+BATCH_SIZE_BUCKETS = tuple(float(x) for x in range(1, 1025))
+
+
+def length_buckets(limit: int) -> tuple[float, ...]:
+    return tuple(limit / 100 * (x + 1) for x in range(100))
+
+
+# TGI's descriptions (``metrics::describe_*`` in server.rs), and ours for the series TGI lacks.
 HELP = {
-    "tgi_request_count": "Requests received",
-    "tgi_request_success": "Requests that finished successfully",
-    "tgi_request_failure": "Requests that failed, by error type",
-    "tgi_request_duration": "End-to-end request duration (s)",
-    "tgi_request_validation_duration": "Time spent validating and tokenizing (s)",
-    "tgi_request_queue_duration": "Time spent waiting in the queue (s)",
-    "tgi_request_inference_duration": "Time from entering a batch to the last token (s)",
-    "tgi_request_mean_time_per_token_duration": "Inference time divided by generated tokens (s)",
+    "tgi_request_count": "Total number of requests",
+    "tgi_request_success": "Number of successful requests",
+    "tgi_request_failure": "Number of failed requests, by error type",
+    "tgi_request_duration": "Total time spent processing the request",
+    "tgi_request_validation_duration": "Time spent validating the request",
+    "tgi_request_queue_duration": "Time spent in the queue per request",
+    "tgi_request_inference_duration": "Request inference duration",
+    "tgi_request_mean_time_per_token_duration": "Mean time per token per request",
     "tgi_request_generated_tokens": "Generated tokens per request",
-    "tgi_request_input_length": "Prompt tokens per request",
-    "tgi_request_max_new_tokens": "max_new_tokens per request",
-    "tgi_queue_size": "Requests waiting in the queue",
-    "tgi_batch_current_size": "Requests in the running batch",
-    "tgi_batch_current_max_tokens": "Token capacity the running batch may grow to",
-    "tgi_batch_next_size": "Size of each new batch taken from the queue",
+    "tgi_request_input_length": "Input token length per request",
+    "tgi_request_max_new_tokens": "Maximum new tokens per request",
+    "tgi_queue_size": "Current queue size",
+    "tgi_batch_current_size": "Current batch size",
+    "tgi_batch_current_max_tokens": "Maximum tokens for the current batch",
+    "tgi_batch_max_total_tokens": "Maximum amount of tokens in total",
+    "tgi_batch_next_size": "Batch size of the next batch",
     "tgi_batch_concat": "New batches joined to a running one, by reason",
-    "tgi_batch_inference_count": "Prefill/Decode calls",
-    "tgi_batch_inference_success": "Prefill/Decode calls that succeeded",
-    "tgi_batch_inference_failure": "Prefill/Decode calls that failed",
-    "tgi_batch_inference_duration": "Router-side wall time of a Prefill/Decode step (s)",
-    "tgi_batch_forward_duration": "Shard-reported forward time of a step (s)",
-    "tgi_batch_decode_duration": "Shard-reported post-processing time of a step (s)",
-    "tgi_batch_filter_duration": "Router time sending tokens and filtering after a step (s)",
-    "tgi_batch_concat_duration": "Shard-reported batch concatenation time (s)",
+    "tgi_batch_inference_count": "Inference calls per method (prefill or decode)",
+    "tgi_batch_inference_success": "Number of successful inference calls per method (prefill or decode)",
+    "tgi_batch_inference_failure": "Number of failed inference calls per method (prefill or decode)",
+    "tgi_batch_inference_duration": "Batch inference duration",
+    "tgi_batch_forward_duration": "Batch forward duration per method (prefill or decode)",
+    "tgi_batch_decode_duration": "Time spent decoding a batch per method (prefill or decode)",
+    "tgi_batch_filter_duration": "Time spent filtering batches and sending generated tokens per method (prefill or decode)",
+    "tgi_batch_concat_duration": "Time spent concatenating batches (shard-reported)",
     "tgi_kv_blocks_free": "Free KV blocks in the router's allocator",
     "tgi_kv_blocks_total": "KV blocks the router's allocator can hand out",
 }
@@ -102,7 +99,16 @@ class _Histogram:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """Counters, gauges and histograms; histogram buckets as the Rust router sets them, the
+    token-count ones scaled by the served limits."""
+
+    def __init__(self, max_input_tokens: int = 1024, max_total_tokens: int = 2048) -> None:
+        self.buckets = {
+            "tgi_request_input_length": length_buckets(max_input_tokens),
+            "tgi_request_generated_tokens": length_buckets(max_total_tokens),
+            "tgi_request_max_new_tokens": length_buckets(max_total_tokens),
+            "tgi_batch_next_size": BATCH_SIZE_BUCKETS,
+        }
         self.counters: dict[str, dict[Labels, float]] = defaultdict(dict)
         self.gauges: dict[str, dict[Labels, float]] = defaultdict(dict)
         self.histograms: dict[str, dict[Labels, _Histogram]] = defaultdict(dict)
@@ -119,7 +125,11 @@ class Metrics:
         series = self.histograms[name]
         key = _key(labels)
         if key not in series:
-            buckets = COUNT_BUCKETS if name in COUNT_HISTOGRAMS else DURATION_BUCKETS
+            buckets = self.buckets.get(name)
+            if buckets is None:
+                if not name.endswith("duration"):
+                    raise AssertionError(f"no buckets for the histogram {name!r}")
+                buckets = DURATION_BUCKETS
             series[key] = _Histogram(buckets)
         series[key].observe(value)
 

@@ -19,6 +19,7 @@ from .entities import (
 )
 
 U64_MAX = 2**64 - 1
+GRAMMAR_TYPES = {"json": pb.GRAMMAR_TYPE_JSON, "regex": pb.GRAMMAR_TYPE_REGEX}
 
 
 def request_to_pb(
@@ -44,8 +45,8 @@ def request_to_pb(
             repetition_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
             watermark=p.watermark,
-            grammar="",
-            grammar_type=pb.GRAMMAR_TYPE_NONE,
+            grammar=p.grammar.value if p.grammar else "",
+            grammar_type=GRAMMAR_TYPES[p.grammar.kind] if p.grammar else pb.GRAMMAR_TYPE_NONE,
         ),
         stopping_parameters=pb.StoppingCriteriaParameters(
             max_new_tokens=req.stopping.max_new_tokens,

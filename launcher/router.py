@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .allocator import BlockAllocator
-from .radix import RadixAllocator
 from .batch_queue import Queue
 from .client import ShardedClient
 from .errors import LauncherError
@@ -19,8 +19,11 @@ from .http_api import STATE, AppState, build_app
 from .http_api import metrics as metrics_route
 from .infer import Infer
 from .metrics import Metrics
+from .radix import RadixAllocator
 from .scheduler import Scheduler, SchedulerConfig
+from .sse import KEEP_ALIVE_S
 from .tokenizer import Tokenizer
+from .tracing import TracedClient, router_tracer
 from .validation import ValidationLimits, Validator
 from .version import VERSION
 from .warmup import Limits
@@ -50,6 +53,10 @@ class RouterSettings:
     shutdown_timeout: float = 90.0
     api_key: str | None = field(default=None, repr=False)
     cors_allow_origin: tuple[str, ...] = ()
+    disable_grammar_support: bool = False
+    otlp_endpoint: str | None = None  # router spans go there (the shards get the flag too)
+    otlp_service_name: str = "text-generation-inference.router"
+    keep_alive_s: float = KEEP_ALIVE_S  # SSE keep-alive comment interval (axum's default)
 
 
 def info_json(s: RouterSettings, limits: Limits) -> dict:
@@ -92,8 +99,14 @@ class Router:
         limits: Limits,
         settings: RouterSettings,
         tokenizer: Tokenizer,
+        tracer_provider: Any = None,
     ) -> Router:
-        metrics = Metrics()
+        """``tracer_provider``: an OpenTelemetry TracerProvider for the router's spans (tests);
+        by default one exporting to ``settings.otlp_endpoint``, if given."""
+        metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
+        metrics.set("tgi_batch_max_total_tokens", limits.max_batch_total_tokens)
+        tracer = router_tracer(settings.otlp_endpoint, settings.otlp_service_name, tracer_provider)
+        client = TracedClient(client, tracer)
         if info.support_chunking:
             log.warning("the shard supports chunked prefill; this router sends whole prompts")
         allocator = None
@@ -133,6 +146,7 @@ class Router:
                 max_stop_sequences=settings.max_stop_sequences,
                 max_top_n_tokens=settings.max_top_n_tokens,
                 max_best_of=settings.max_best_of,
+                grammar_support=not settings.disable_grammar_support,
             ),
         )
         infer = Infer(
@@ -161,8 +175,11 @@ class Router:
             metrics=metrics,
             info=info_json(settings, limits),
             compute_type=info.device_type or "cpu",
+            keep_alive_s=settings.keep_alive_s,
         )
-        app = build_app(state, settings.payload_limit, settings.api_key, settings.cors_allow_origin)
+        app = build_app(
+            state, settings.payload_limit, settings.api_key, settings.cors_allow_origin, tracer
+        )
         await router._serve(app, settings.hostname, settings.port, settings.shutdown_timeout)
         if settings.prometheus_port is not None:
             prom = web.Application()

@@ -1,197 +1,219 @@
-"""TGI's native JSON shapes: parsing ``/generate`` bodies (serde-like type checks, 422 on a
-wrong type) and building ``details`` / stream events."""
+"""TGI's native JSON shapes (``router/src/lib.rs``) as pydantic models: the request models
+validate ``/generate``, ``/generate_stream``, ``POST /`` and ``/tokenize`` bodies (serde-like
+types, ``wire``), and every model here is a schema of the OpenAPI document (``openapi``). The
+``*_json`` helpers build the response bodies these models describe."""
 
 from __future__ import annotations
 
-import math
-import struct
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from .entities import GeneratedText, PrefillToken, Token
-from .errors import ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-U32_MAX = 2**32 - 1
-U64_MAX = 2**64 - 1
-# serde's integer types: (min, max). usize is 64-bit on the router's platforms.
-INT_RANGES = {
-    "u32": (0, U32_MAX),
-    "i32": (-(2**31), 2**31 - 1),
-    "u64": (0, U64_MAX),
-    "usize": (0, U64_MAX),
-}
+from . import entities
+from .wire import F32, I32, U32, U64, Bool, JsonValue, Str, StrList, Usize
 
 
-def deserialize_error(path: str, message: str) -> ValidationError:
-    return ValidationError(
-        f"Failed to deserialize the JSON body into the target type: {path}: {message}"
+class Schema(BaseModel):
+    """Unknown fields are ignored, as serde does by default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- grammars (``GrammarType``: adjacently tagged, ``{"type": ..., "value": ...}``) -----------
+class JsonSchemaConfig(Schema):
+    name: Str | None = Field(None, description="Optional name identifier for the schema")
+    schema_: JsonValue = Field(alias="schema", description="The actual JSON schema definition")
+    strict: Bool | None = None
+
+
+class JsonGrammar(Schema):
+    """A JSON schema (an object, or a string holding one). ``json_object`` is an alias; without
+    ``value`` it means any JSON object (OpenAI's ``{"type": "json_object"}``)."""
+
+    type: Literal["json", "json_object"]
+    value: JsonValue = Field(
+        None, json_schema_extra={"example": {"properties": {"location": {"type": "string"}}}}
     )
 
 
-def _unexpected(value: Any) -> str:
-    """serde's name for what it found instead."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean `{str(value).lower()}`"
-    if isinstance(value, int):
-        return f"integer `{value}`"
-    if isinstance(value, float):
-        return f"floating point `{value}`"
-    if isinstance(value, str):
-        return f'string "{value[:64]}{"..." if len(value) > 64 else ""}"'
-    return "sequence" if isinstance(value, list) else "map"
+class RegexGrammar(Schema):
+    type: Literal["regex"]
+    value: Str
 
 
-def to_f32(value: float) -> float | None:
-    """``value as f32`` (what serde gives TGI and what the shard receives), or None when it does
-    not fit a finite f32 (serde would give TGI infinity; here that is refused)."""
-    try:
-        rounded = struct.unpack("<f", struct.pack("<f", value))[0]
-    except OverflowError:
-        return None
-    return rounded if math.isfinite(rounded) else None
+class JsonSchemaGrammar(Schema):
+    """TGI's ``{"type": "json_schema", "value": {...}}``; OpenAI's ``json_schema`` key is
+    accepted in place of ``value``."""
+
+    type: Literal["json_schema"]
+    value: JsonSchemaConfig | None = None
+    json_schema: JsonSchemaConfig | None = None
 
 
-class Fields:
-    """Typed reads from a JSON object, with serde-style error messages. Kinds: ``bool``, ``str``,
-    ``str_list``, ``f32`` (finite), and the integer types of ``INT_RANGES``."""
-
-    def __init__(self, obj: Any, path: str) -> None:
-        if not isinstance(obj, dict):
-            raise deserialize_error(
-                path or "body", f"invalid type: {_unexpected(obj)}, expected a JSON object"
-            )
-        self.obj = obj
-        self.path = path
-
-    def _where(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, kind: str, default: Any = None) -> Any:
-        value = self.obj.get(name)
-        if value is None:
-            return default
-        where = self._where(name)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise deserialize_error(
-                    where, f"invalid type: {_unexpected(value)}, expected a boolean"
-                )
-        elif kind in INT_RANGES:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise deserialize_error(
-                    where, f"invalid type: {_unexpected(value)}, expected {kind}"
-                )
-            low, high = INT_RANGES[kind]
-            if not low <= value <= high:
-                raise deserialize_error(where, f"invalid value: integer `{value}`, expected {kind}")
-        elif kind == "f32":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise deserialize_error(where, f"invalid type: {_unexpected(value)}, expected f32")
-            rounded = to_f32(float(value)) if abs(value) < 1e39 else None
-            if rounded is None:
-                raise deserialize_error(
-                    where, f"invalid value: {_unexpected(value)}, expected a finite f32"
-                )
-            value = rounded
-        elif kind == "str":
-            if not isinstance(value, str):
-                raise deserialize_error(
-                    where, f"invalid type: {_unexpected(value)}, expected a string"
-                )
-        elif kind == "str_list":
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise deserialize_error(
-                    where, f"invalid type: {_unexpected(value)}, expected a sequence of strings"
-                )
-        else:
-            raise AssertionError(f"unknown field kind {kind!r}")
-        return value
-
-    def require(self, name: str, kind: str) -> Any:
-        if name not in self.obj:
-            raise deserialize_error(self.path or "body", f"missing field `{name}`")
-        if self.obj[name] is None:
-            raise deserialize_error(self._where(name), f"invalid type: null, expected {kind}")
-        return self.get(name, kind)
+GrammarType = Annotated[JsonGrammar | RegexGrammar | JsonSchemaGrammar, Field(discriminator="type")]
 
 
-@dataclass
-class GenerateParameters:
-    best_of: int | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
-    do_sample: bool = False
-    max_new_tokens: int | None = None
-    return_full_text: bool | None = None
-    stop: list[str] = field(default_factory=list)
-    truncate: int | None = None
-    watermark: bool = False
-    details: bool = False
-    decoder_input_details: bool = False
-    seed: int | None = None
-    top_n_tokens: int | None = None
-    grammar: Any = None
-    adapter_id: str | None = None
-
-    @classmethod
-    def parse(cls, obj: Any, path: str = "parameters") -> GenerateParameters:
-        if obj is None:
-            return cls()
-        f = Fields(obj, path)
-        return cls(
-            best_of=f.get("best_of", "usize"),
-            temperature=f.get("temperature", "f32"),
-            repetition_penalty=f.get("repetition_penalty", "f32"),
-            frequency_penalty=f.get("frequency_penalty", "f32"),
-            top_k=f.get("top_k", "i32"),
-            top_p=f.get("top_p", "f32"),
-            typical_p=f.get("typical_p", "f32"),
-            do_sample=f.get("do_sample", "bool", False),
-            max_new_tokens=f.get("max_new_tokens", "u32"),
-            return_full_text=f.get("return_full_text", "bool"),
-            stop=f.get("stop", "str_list", []),
-            truncate=f.get("truncate", "usize"),
-            watermark=f.get("watermark", "bool", False),
-            details=f.get("details", "bool", False),
-            decoder_input_details=f.get("decoder_input_details", "bool", False),
-            seed=f.get("seed", "u64"),
-            top_n_tokens=f.get("top_n_tokens", "u32"),
-            grammar=obj.get("grammar"),
-            adapter_id=f.get("adapter_id", "str"),
-        )
+# What validation also checks, for the document only (validation words its own errors as TGI).
+OPEN_UNIT = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
 
 
-@dataclass
-class GenerateRequest:
-    inputs: str
-    parameters: GenerateParameters = field(default_factory=GenerateParameters)
-    add_special_tokens: bool = True
-    stream: bool = False  # only read by the compat route ``POST /``
+# ---- requests --------------------------------------------------------------------------------
+class GenerateParameters(Schema):
+    best_of: Usize | None = Field(None, description="Generate best_of sequences (only 1 here)")
+    temperature: F32 | None = Field(
+        None,
+        description="The value used to module the logits distribution.",
+        json_schema_extra={"exclusiveMinimum": 0},
+    )
+    repetition_penalty: F32 | None = Field(
+        None, description="1.0 means no penalty.", json_schema_extra={"exclusiveMinimum": 0}
+    )
+    frequency_penalty: F32 | None = Field(
+        None,
+        description="Between -2.0 and 2.0; 0.0 means no penalty.",
+        json_schema_extra={"minimum": -2, "maximum": 2},
+    )
+    top_k: I32 | None = Field(
+        None, description="Keep the k most likely tokens.", json_schema_extra={"minimum": 1}
+    )
+    top_p: F32 | None = Field(
+        None, description="Nucleus sampling: 0 < top_p < 1.", json_schema_extra=OPEN_UNIT
+    )
+    typical_p: F32 | None = Field(
+        None, description="Typical decoding mass: 0 < typical_p < 1.", json_schema_extra=OPEN_UNIT
+    )
+    do_sample: Bool | None = Field(False, description="Activate logits sampling.")
+    max_new_tokens: U32 | None = Field(
+        None, description="Maximum number of tokens to generate.", json_schema_extra={"minimum": 1}
+    )
+    return_full_text: Bool | None = Field(None, description="Prepend the prompt to the text.")
+    stop: StrList | None = Field(None, description="Stop generating on these sequences.")
+    truncate: Usize | None = Field(
+        None,
+        description="Keep only the last `truncate` prompt tokens.",
+        json_schema_extra={"minimum": 1},
+    )
+    watermark: Bool | None = False
+    details: Bool | None = Field(False, description="Return generation details.")
+    decoder_input_details: Bool | None = Field(False, description="Return prompt token logprobs.")
+    seed: U64 | None = Field(None, description="Random sampling seed.")
+    top_n_tokens: U32 | None = Field(
+        None, description="The number of most likely tokens to return at each step."
+    )
+    grammar: GrammarType | None = Field(
+        None, description="Constrain the output to a JSON schema or a regex."
+    )
+    adapter_id: Str | None = Field(None, description="Lora adapter id")
 
-    @classmethod
-    def parse(cls, body: Any) -> GenerateRequest:
-        f = Fields(body, "")
-        return cls(
-            inputs=f.require("inputs", "str"),
-            parameters=GenerateParameters.parse(body.get("parameters")),
-            add_special_tokens=f.get("add_special_tokens", "bool", True),
-            stream=f.get("stream", "bool", False),
-        )
+    def model_post_init(self, _: Any) -> None:
+        # serde's defaults for fields given as null
+        for name in ("do_sample", "watermark", "details", "decoder_input_details"):
+            if getattr(self, name) is None:
+                setattr(self, name, False)
+        if self.stop is None:
+            self.stop = []
+
+
+class GenerateRequest(Schema):
+    inputs: Str = Field(json_schema_extra={"example": "My name is Olivier and I", "minLength": 1})
+    parameters: GenerateParameters | None = Field(default_factory=GenerateParameters)
+    add_special_tokens: Bool | None = True
+
+    def model_post_init(self, _: Any) -> None:
+        if self.parameters is None:
+            self.parameters = GenerateParameters()
+        if self.add_special_tokens is None:
+            self.add_special_tokens = True
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """``POST /``: a ``GenerateRequest`` that may ask for a stream."""
+
+    stream: Bool | None = False
+
+
+# ---- responses -------------------------------------------------------------------------------
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Token(Schema):
+    id: int = Field(ge=0)
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(Schema):
+    id: int = Field(ge=0)
+    text: str
+    logprob: float | None
+
+
+class Details(Schema):
+    finish_reason: FinishReason
+    generated_tokens: int = Field(ge=0)
+    seed: int | None = Field(ge=0)
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+
+
+class GenerateResponse(Schema):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(Schema):
+    finish_reason: FinishReason
+    generated_tokens: int = Field(ge=0)
+    seed: int | None = Field(ge=0)
+    input_length: int = Field(ge=0)
+
+
+class StreamResponse(Schema):
+    """One ``data:`` event of ``/generate_stream``."""
+
+    index: int = Field(ge=0)
+    token: Token
+    top_tokens: list[Token] | None = None
+    generated_text: str | None
+    details: StreamDetails | None
+
+
+class SimpleToken(Schema):
+    id: int = Field(ge=0)
+    text: str
+    start: int = Field(ge=0)
+    stop: int = Field(ge=0)
+
+
+class ErrorResponse(Schema):
+    error: str
+    error_type: str
+
+
+class Info(Schema):
+    model_id: str
+    model_sha: str | None
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int = Field(ge=0)
+    max_best_of: int = Field(ge=0)
+    max_stop_sequences: int = Field(ge=0)
+    max_input_tokens: int = Field(ge=0)
+    max_total_tokens: int = Field(ge=0)
+    validation_workers: int = Field(ge=0)
+    max_client_batch_size: int = Field(ge=0)
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
 
 
 def details_json(
-    generated: GeneratedText,
-    prefill: list[PrefillToken],
-    tokens: list[Token],
-    top_tokens: list[list[Token]],
+    generated: entities.GeneratedText,
+    prefill: list[entities.PrefillToken],
+    tokens: list[entities.Token],
+    top_tokens: list[list[entities.Token]],
 ) -> dict:
     details: dict[str, Any] = {
         "finish_reason": generated.finish_reason,
@@ -207,8 +229,8 @@ def details_json(
 
 def stream_event_json(
     index: int,
-    token: Token,
-    top_tokens: list[Token],
+    token: entities.Token,
+    top_tokens: list[entities.Token],
     generated_text: str | None = None,
     details: dict | None = None,
 ) -> dict:

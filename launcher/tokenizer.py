@@ -15,6 +15,7 @@ class Tokenizer:
         # NOTE: the fast tokenizer's Rust object is what TGI's router uses; it is also ~5x faster
         # than the Python ``__call__`` path for short prompts.
         self._fast = getattr(hf, "_tokenizer", None)
+        self._uses_tools: bool | None = None
 
     @classmethod
     def load(
@@ -64,10 +65,29 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if not getattr(self.hf, "chat_template", None):
             raise TemplateError("template not found")
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.hf.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
         except Exception as err:
             raise TemplateError(str(err)) from err
+
+    @property
+    def template_uses_tools(self) -> bool:
+        """Whether the chat template reads a ``tools`` variable (else TGI writes the tools into
+        the last message)."""
+        if self._uses_tools is None:
+            template = getattr(self.hf, "chat_template", None)
+            self._uses_tools = False
+            if isinstance(template, str):
+                from jinja2 import Environment, TemplateError, meta
+
+                try:
+                    names = meta.find_undeclared_variables(Environment().parse(template))
+                    self._uses_tools = "tools" in names
+                except TemplateError:  # a template jinja2 cannot parse fails later, with its error
+                    self._uses_tools = False
+        return self._uses_tools

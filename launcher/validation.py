@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .entities import ValidParameters, ValidRequest, ValidStopping
 from .errors import ValidationError
+from .grammars import validate_grammar
 from .schemas import GenerateRequest
 from .tokenizer import Tokenizer
 
@@ -24,6 +25,7 @@ class ValidationLimits:
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_best_of: int = 1
+    grammar_support: bool = True  # False with --disable-grammar-support
 
 
 class Validator:
@@ -119,8 +121,11 @@ class Validator:
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {lim.max_input_tokens}. Given: {truncate}"
             )
-        if p.grammar is not None:
-            raise ValidationError("grammar is not supported")
+        grammar = None
+        if p.grammar is not None:  # compiling a schema can take a while: off the event loop
+            grammar = await asyncio.to_thread(
+                validate_grammar, p.grammar, not lim.grammar_support
+            )
 
         input_length, ids = await self.count(request.inputs, request.add_special_tokens, truncate)
         if input_length == 0:
@@ -160,6 +165,7 @@ class Validator:
                 do_sample=p.do_sample,
                 seed=seed,
                 watermark=p.watermark,
+                grammar=grammar,
             ),
             stopping=ValidStopping(max_new_tokens=max_new_tokens, stop_sequences=tuple(p.stop)),
             adapter_id=p.adapter_id,

@@ -52,6 +52,7 @@ class ReqState:
     top_n: int
     prefill_logprobs: bool
     seed: int | None
+    scripted: list[int] | None = None  # the tokens to answer (``FakeShard.script``)
     generated: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -75,6 +76,7 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         default_max_input: int = 1000,
         default_max_total: int = 1024,
         step_delay: float = 0.0,
+        script=None,
     ) -> None:
         self.tok = tokenizer
         self.vocab = len(tokenizer)
@@ -93,6 +95,10 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         self.calls: list[tuple[str, object]] = []
         self.violations: list[str] = []
         self.fail_next: dict[str, str] = {}  # rpc name -> error message, used once
+        # script(pb.Request) -> a text to answer with (tokenized, then EOS), or None for the
+        # usual deterministic tokens: stands in for a model that follows a grammar.
+        self.script = script
+        self.metadata: list[tuple[str, dict]] = []  # (rpc, gRPC invocation metadata)
 
     # ---- helpers -----------------------------------------------------------------------------
     def encode(self, r: pb.Request) -> list[int]:
@@ -147,7 +153,11 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
                     self._claim(r, p)
             else:
                 self._claim(r, position)
-            tok = next_token(last, self.vocab)
+            if r.scripted is not None:
+                step = len(r.generated)
+                tok = r.scripted[step] if step < len(r.scripted) else self.eos
+            else:
+                tok = next_token(last, self.vocab)
             r.generated.append(tok)
             text = self.tok.decode([tok])
             reason = None
@@ -201,6 +211,10 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
             return gens, None
         self.cache[b.id] = b
         return gens, self._to_pb(b)
+
+    def _scripted(self, r: pb.Request) -> list[int] | None:
+        text = self.script(r) if self.script is not None and r.id != U64_MAX else None
+        return None if text is None else self.tok(text, add_special_tokens=False)["input_ids"]
 
     # ---- RPCs --------------------------------------------------------------------------------
     async def Info(self, request, context):
@@ -273,6 +287,7 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
 
     async def Prefill(self, request, context):
         self.calls.append(("Prefill", request.batch))
+        self.metadata.append(("Prefill", dict(context.invocation_metadata() or ())))
         await self._maybe_fail("Prefill", context)
         start = time.perf_counter_ns()
         if self.step_delay:
@@ -301,6 +316,7 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
                     top_n=r.top_n_tokens,
                     prefill_logprobs=r.prefill_logprobs,
                     seed=r.parameters.seed if r.parameters.do_sample else None,
+                    scripted=self._scripted(r),
                 )
             )
         gens, batch = self._step(BatchState(request.batch.id, reqs), prefill=True)
@@ -314,6 +330,7 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
 
     async def Decode(self, request, context):
         self.calls.append(("Decode", [b.id for b in request.batches]))
+        self.metadata.append(("Decode", dict(context.invocation_metadata() or ())))
         await self._maybe_fail("Decode", context)
         start = time.perf_counter_ns()
         if self.step_delay:

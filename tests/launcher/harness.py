@@ -68,6 +68,7 @@ async def fake_router(
     max_batch_prefill_tokens: int = 256,
     max_batch_total_tokens: int | None = None,
     shard_kwargs: dict | None = None,
+    tracer_provider=None,
     **settings,
 ) -> AsyncIterator[Harness]:
     tmp = tempfile.mkdtemp(prefix="fk", dir="/tmp")  # short: Unix socket paths are <= 107 bytes
@@ -84,7 +85,12 @@ async def fake_router(
     )
     base = RouterSettings(model_id="fake/bloom", hostname="127.0.0.1", port=0)
     router = await Router.start(
-        client, info, limits, replace(base, **settings), Tokenizer(hf_tokenizer)
+        client,
+        info,
+        limits,
+        replace(base, **settings),
+        Tokenizer(hf_tokenizer),
+        tracer_provider=tracer_provider,
     )
     session = aiohttp.ClientSession()
     try:
