@@ -18,6 +18,7 @@ from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
 
 from .errors import ClientError
 from .protocol import U64_MAX
+from .tracing import interceptors  # the current span's traceparent in each call's metadata
 
 # NOTE: the Rust router keeps tonic's 4 MiB decode limit; we accept larger Prefill answers
 # (prefill logprobs + top-n of big batches) rather than fail them.
@@ -66,7 +67,9 @@ class ShardClient:
 
     def __init__(self, uds_path: str) -> None:
         self.uds_path = uds_path
-        self.channel = grpc.aio.insecure_channel(f"unix://{uds_path}", options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(
+            f"unix://{uds_path}", options=CHANNEL_OPTIONS, interceptors=interceptors()
+        )
         self.stub = pb_grpc.TextGenerationServiceStub(self.channel)
 
     async def close(self) -> None:

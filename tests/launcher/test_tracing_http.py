@@ -1,0 +1,55 @@
+"""Router-side tracing: a span per HTTP request (child of the caller's ``traceparent``), a span
+per batch RPC, and that span's ``traceparent`` in the shard's gRPC metadata."""
+
+from __future__ import annotations
+
+from harness import fake_router, run
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def test_request_and_batch_spans_and_traceparent_to_the_shard(hf_tokenizer):
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def scenario():
+        async with fake_router(hf_tokenizer, tracer_provider=provider) as h:
+            body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 3}}
+            headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+            async with h.session.post(h.url + "/generate", json=body, headers=headers) as resp:
+                assert resp.status == 200
+            await h.idle()
+            return list(h.shards[0].metadata)
+
+    metadata = run(scenario())
+    spans = exporter.get_finished_spans()
+    request = [s for s in spans if s.name == "generate"]
+    assert len(request) == 1
+    assert format(request[0].context.trace_id, "032x") == TRACE_ID
+    assert format(request[0].parent.span_id, "016x") == PARENT_ID
+    assert request[0].attributes["http.status_code"] == 200
+    prefill = [s for s in spans if s.name == "prefill"]
+    decode = [s for s in spans if s.name == "decode"]
+    assert len(prefill) == 1 and len(decode) == 2 and prefill[0].attributes["batch.size"] == 1
+    sent = dict(metadata)["Prefill"]["traceparent"]  # 00-TRACE-SPAN-FLAGS
+    ctx = prefill[0].context
+    assert sent.startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
+    decode_sent = [m["traceparent"][:52] for name, m in metadata if name == "Decode"]
+    assert decode_sent == [f"00-{s.context.trace_id:032x}-{s.context.span_id:016x}" for s in decode]
+
+
+def test_no_tracing_sends_no_traceparent(hf_tokenizer):
+    async def scenario():
+        async with fake_router(hf_tokenizer) as h:
+            body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
+            headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+            async with h.session.post(h.url + "/generate", json=body, headers=headers) as resp:
+                assert resp.status == 200
+            assert all("traceparent" not in m for _, m in h.shards[0].metadata)
+
+    run(scenario())
