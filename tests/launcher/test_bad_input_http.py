@@ -22,7 +22,8 @@ from tgi_npu_backend.launcher.errors import ValidationError
 from tgi_npu_backend.launcher.tokenizer import Tokenizer
 from tgi_npu_backend.launcher.validation import ValidationLimits, Validator
 
-from tgi_npu_backend.batch import request_parameters
+from tgi_npu_backend.request import sampling_params
+from tgi_npu_backend.wire import request_spec
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 SENTINEL = "Sentinel"  # the fake shard's token sequence from it meets no EOS for 1000 tokens
@@ -128,8 +129,8 @@ def refused_by_shard(batch_requests) -> list[str]:
     refused = []
     for r in batch_requests:
         try:
-            request_parameters(r)
-        except ValueError as err:
+            sampling_params(request_spec(r))
+        except ValueError as err:  # InvalidRequestError
             refused.append(str(err))
     return refused
 
