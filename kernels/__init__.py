@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionBackend, AttentionMetadata, check_block_size
+from .base import AttentionBackend, AttentionMetadata, Phase, check_block_size
 from .reference import ReferenceBackend
 
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
+    "Phase",
     "ReferenceBackend",
     "check_block_size",
     "get_backend",

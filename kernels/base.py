@@ -1,11 +1,18 @@
 """The attention-backend protocol: the one seam between the model and the device kernels.
 
-A backend owns the layout of the paged KV cache and implements three operations:
+A backend owns the layout of the paged KV cache and implements:
 
+* ``prepare``: once per forward pass, before the first layer, turn the runner's metadata into
+  the backend's own step inputs (index plans, host length lists, int32 tables; masks it builds
+  lazily), returned in ``meta.plan``; nothing about a step is kept inside the backend,
 * ``store_kv``: write the K/V of the tokens of this forward pass into their slots,
-* ``prefill``: attention of (possibly several, ragged) prompt chunks, each query attending
-  to its own sequence's cached prefix plus the causal part of its chunk,
+* ``prefill``: attention of (possibly several, ragged) query chunks, each query attending
+  to its own sequence's cached prefix plus the causal part of its chunk: a prefill pass, and a
+  mixed pass (prompt chunks next to single decode tokens, chunked prefill) alike,
 * ``decode``: one query token per sequence attending to everything in its paged cache.
+
+A pass has a ``Phase``: PREFILL (prompt chunks only), DECODE (one token per sequence, all
+decoding) or MIXED (both); the model calls ``decode`` for DECODE and ``prefill`` otherwise.
 
 Slots follow TGI: ``slot = block * block_size + offset``; position ``p`` of a sequence is
 stored in ``slots[p]``. ALiBi (BLOOM) is passed as per-head slopes so that a backend may build
@@ -14,8 +21,9 @@ its own bias or mask (the NPU ATB ops take a mask, the aclnn ops a ``pse_shift``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+import enum
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -35,17 +43,25 @@ def check_block_size(block_size: int) -> None:
         )
 
 
+class Phase(enum.Enum):
+    """What a forward pass computes."""
+
+    PREFILL = "prefill"  # prompt chunks only
+    DECODE = "decode"  # one token per sequence, every sequence decoding
+    MIXED = "mixed"  # prompt chunks and decode tokens in one pass (chunked prefill)
+
+
 @dataclass
 class AttentionMetadata:
     """Everything the kernels need about one forward pass, built once per step.
 
     ``T`` = number of tokens in the pass, ``B`` = number of sequences.
-    In a prefill pass sequence ``i`` contributes ``query_lens[i] = seq_lens[i] - context_lens[i]``
-    tokens (its positions ``context_lens[i] .. seq_lens[i]-1``); in a decode pass every
-    sequence contributes exactly one token (``T == B``).
+    Sequence ``i`` contributes ``query_lens[i] = seq_lens[i] - context_lens[i]`` tokens (its
+    positions ``context_lens[i] .. seq_lens[i]-1``); in a DECODE pass every sequence contributes
+    exactly one token (``T == B``).
     """
 
-    is_prefill: bool
+    phase: Phase
     slot_mapping: Tensor  # [T] int64, KV slot of every token of this pass
     block_tables: Tensor  # [B, max_blocks] int32, block ids per sequence (padded with 0)
     seq_lens: Tensor  # [B] int32, tokens in the cache for each sequence after this pass
@@ -62,6 +78,8 @@ class AttentionMetadata:
     # blocks the prefix cache shares, each recomputing the last position), the rows to store:
     # the first token of each slot. None when every slot is distinct (always in decode).
     store_rows: list[int] | None = None
+    # The backend's step inputs, from ``AttentionBackend.prepare`` (None before it ran)
+    plan: Any = None
 
     @property
     def num_seqs(self) -> int:
@@ -84,7 +102,7 @@ class AttentionMetadata:
     def build(
         cls,
         *,
-        is_prefill: bool,
+        phase: Phase,
         slot_mapping: list[int],
         block_tables: list[list[int]],
         context_lens: list[int],
@@ -104,7 +122,7 @@ class AttentionMetadata:
             cu.append(cu[-1] + q)
         to_device = _host_to_device(device)
         return cls(
-            is_prefill=is_prefill,
+            phase=phase,
             slot_mapping=to_device(torch.tensor(slot_mapping, dtype=torch.int64)),
             block_tables=to_device(table),
             seq_lens=to_device(torch.tensor(seq_lens, dtype=torch.int32)),
@@ -116,7 +134,7 @@ class AttentionMetadata:
             seq_lens_list=seq_lens,
             context_lens_list=list(context_lens),
             query_lens_list=list(query_lens),
-            store_rows=_first_of_each_slot(slot_mapping) if is_prefill else None,
+            store_rows=None if phase is Phase.DECODE else _first_of_each_slot(slot_mapping),
         )
 
 
@@ -145,6 +163,10 @@ class AttentionBackend(Protocol):
     """Device attention kernels over a paged KV cache (see module docstring)."""
 
     name: str
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """Once per forward pass: ``meta`` with this backend's step inputs in ``plan``."""
+        ...
 
     def block_size_for(self, head_dim: int) -> int:
         """The KV block size this backend serves best for ``head_dim`` (``--block-size`` wins)."""
@@ -225,3 +247,17 @@ class AttentionBackend(Protocol):
         """Neox ("rotate half") rotary: query ``[T, H, D]``, key ``[T, KVH, D]``, cos/sin
         ``[T, 1, D]`` in the activation dtype; returns the rotated pair."""
         ...
+
+
+def with_plan(meta: AttentionMetadata, plan: Any) -> AttentionMetadata:
+    """``meta`` carrying ``plan`` (a new object: the runner's metadata is left as it was)."""
+    return replace(meta, plan=plan)
+
+
+def plan_of(meta: AttentionMetadata, backend: str) -> Any:
+    if meta.plan is None:
+        raise RuntimeError(
+            f"the {backend} attention backend got metadata without a plan: call "
+            "backend.prepare(meta) once per forward pass and pass its result to every layer"
+        )
+    return meta.plan

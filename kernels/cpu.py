@@ -16,8 +16,8 @@ store); what differs is how the work is laid out:
   sequences); a group without cached prefixes shares one ``[1, heads, q, q]`` mask.
 
 Scores, softmax and the weighted sum run in float32 for every cache dtype, as in the reference.
-The per-step index tensors depend only on the metadata; they are built once per forward pass (the
-first layer) and reused by the others.
+The per-step index tensors depend only on the metadata: ``prepare`` builds them once per forward
+pass, and every layer reads them from ``meta.plan``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionMetadata, check_block_size
+from .base import AttentionMetadata, Phase, check_block_size, plan_of, with_plan
 from .reference import ReferenceBackend
 
 PAD_RATIO = 1.5  # a prefill group pads at most this many query rows per real one
@@ -49,6 +49,12 @@ class _DecodePlan:
     invalid: Tensor  # [N, 1, 1, bs] bool, key positions past the sequence's end
     last: Tensor  # [B] int64 index (into N) of each sequence's last block
     last_invalid: Tensor  # [B, 1, bs, 1] bool, unwritten tail of that last block
+
+
+@dataclass
+class _CpuPlan:
+    attention: _DecodePlan | list[_PrefillGroup]
+    store_all: bool  # no slot is -1 (nothing to skip when storing)
 
 
 @dataclass
@@ -75,11 +81,6 @@ class CpuBackend(ReferenceBackend):
 
     name = "cpu"
 
-    def __init__(self) -> None:
-        self._plan_meta: AttentionMetadata | None = None
-        self._plan: _DecodePlan | list[_PrefillGroup] | None = None
-        self._store_all = True
-
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
@@ -87,16 +88,13 @@ class CpuBackend(ReferenceBackend):
         return (num_blocks, num_kv_heads, block_size, head_dim)
 
     # ------------------------------------------------------------------ per-step plan
-    def _plan_for(self, meta: AttentionMetadata, block_size: int):
-        # NOTE: the protocol has no per-step hook; every layer of one pass gets the same meta
-        # object, so the plan is rebuilt when a new one arrives.
-        if meta is not self._plan_meta:
-            self._plan = (
-                self._prefill_plan(meta) if meta.is_prefill else self._decode_plan(meta, block_size)
-            )
-            self._store_all = bool((meta.slot_mapping >= 0).all())
-            self._plan_meta = meta
-        return self._plan
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The pass's index plan: decode blocks for a DECODE pass, padded groups otherwise."""
+        if meta.phase is Phase.DECODE:
+            attention: _DecodePlan | list[_PrefillGroup] = self._decode_plan(meta, meta.block_size)
+        else:
+            attention = self._prefill_plan(meta)
+        return with_plan(meta, _CpuPlan(attention, bool((meta.slot_mapping >= 0).all())))
 
     @staticmethod
     def _decode_plan(meta: AttentionMetadata, bs: int) -> _DecodePlan:
@@ -193,9 +191,8 @@ class CpuBackend(ReferenceBackend):
     ) -> None:
         """Write ``key``/``value`` ``[T, kv_heads, head_dim]`` to their slots; -1 = don't store."""
         bs = key_cache.shape[2]
-        self._plan_for(meta, bs)
         slots = meta.slot_mapping
-        if not self._store_all:
+        if not plan_of(meta, self.name).store_all:
             keep = slots >= 0
             slots, key, value = slots[keep], key[keep], value[keep]
         blocks, offsets = slots // bs, slots % bs
@@ -214,7 +211,7 @@ class CpuBackend(ReferenceBackend):
         b, heads, d = query.shape
         _, kv_heads, bs, _ = key_cache.shape
         group = heads // kv_heads
-        p: _DecodePlan = self._plan_for(meta, bs)
+        p: _DecodePlan = plan_of(meta, self.name).attention
         n = p.blocks.shape[0]
         k = key_cache.index_select(0, p.blocks).float()  # [N, KVH, bs, D]
         v = value_cache.index_select(0, p.blocks).float()
@@ -255,7 +252,7 @@ class CpuBackend(ReferenceBackend):
     ) -> Tensor:
         _, heads, d = query.shape
         kv_heads = key.shape[1]
-        groups: list[_PrefillGroup] = self._plan_for(meta, key_cache.shape[2])
+        groups: list[_PrefillGroup] = plan_of(meta, self.name).attention
         out = torch.empty_like(query)
         f32 = torch.float32
         for g in groups:

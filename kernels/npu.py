@@ -38,7 +38,7 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from .base import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, AttentionMetadata
+from .base import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, AttentionMetadata, Phase, plan_of, with_plan
 from .reference import ReferenceBackend
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -147,17 +147,22 @@ class NpuBackend(ReferenceBackend):
     def __init__(self, observer: NpuObserver | None = None) -> None:
         self.observer = observer
         self._fallbacks_logged: set[str] = set()
-        # Per-step inputs (masks, host lengths, int32 slots) are the same for every layer of a
-        # step: built once per AttentionMetadata (held by reference, so ``is`` identifies the
-        # step). NOTE: ALiBi masks are keyed by dtype and head count only: slopes depend only on
-        # the head index, so every layer of one model passes equal slopes.
-        self._step_meta: AttentionMetadata | None = None
-        self._step_cache: dict[tuple, Any] = {}
         # Causal masks depend only on (length, dtype): kept across steps.
         self._causal_masks: dict[tuple[int, torch.dtype], Tensor] = {}
 
     def block_size_for(self, head_dim: int) -> int:
         return recommended_block_size(head_dim)
+
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The pass's step inputs, the same for every layer: int32 slots, the host length
+        tensors the ATB ops read, per-token block tables (built here), and masks (built by the
+        first layer that needs them, keyed by dtype and head count: the slopes depend only on
+        the head index, so every layer of one model passes equal slopes)."""
+        prepared = with_plan(meta, {})
+        self._host_lens(prepared)
+        if meta.phase is Phase.DECODE or meta.has_prefix:
+            self._token_tables(prepared)
+        return prepared
 
     # --- KV cache -------------------------------------------------------------------------------
 
@@ -367,11 +372,11 @@ class NpuBackend(ReferenceBackend):
         return mask
 
     def _cached(self, meta: AttentionMetadata, key: tuple, build: Callable[[], Any]) -> Any:
-        if meta is not self._step_meta:
-            self._step_meta, self._step_cache = meta, {}
-        if key not in self._step_cache:
-            self._step_cache[key] = build()
-        return self._step_cache[key]
+        """This pass's input ``key`` from ``meta.plan`` (``prepare``'s), built on first use."""
+        step: dict[tuple, Any] = plan_of(meta, self.name)
+        if key not in step:
+            step[key] = build()
+        return step[key]
 
     @staticmethod
     def _gamma(gamma: Tensor, dtype: torch.dtype) -> Tensor:
@@ -390,7 +395,7 @@ class NpuBackend(ReferenceBackend):
         tensor and list: the ATB ops read lengths on the host)."""
 
         def build() -> tuple[Tensor, Tensor, list[int]]:
-            if not meta.is_prefill:
+            if meta.phase is Phase.DECODE:
                 lens_list = list(meta.seq_lens_list)  # decode: one token per sequence
                 table = meta.block_tables
             else:

@@ -61,6 +61,9 @@ class ReferenceBackend:
     name = "reference"
     DEFAULT_BLOCK_SIZE = 16  # small blocks waste little of the pool on CPU
 
+    def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
+        return meta  # the reference needs nothing beyond the metadata
+
     def block_size_for(self, head_dim: int) -> int:
         return self.DEFAULT_BLOCK_SIZE
 

@@ -60,7 +60,7 @@ class Generator:
         # Warmup's max_prefill_tokens: the budget of the prompt chunks the shard cuts itself
         # (chunked prefill); None until then, and without chunking
         self.max_prefill_tokens: int | None = None
-        self.runner = ModelRunner(model, self.device)
+        self.runner = ModelRunner(model, backend, self.device)
         self.kv_cache: KVCache | None = None
         self.cache = BatchCache()
         self._advancing = False  # set once a step starts changing its requests (see decode)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tgi_npu_backend.kernels import AttentionMetadata
+from tgi_npu_backend.kernels import AttentionBackend, AttentionMetadata, Phase
 from tgi_npu_backend.models.base import CausalLM
 
 from .batch import Batch
@@ -77,7 +77,7 @@ class DecodeInputs:
         pos = self.positions
         block = self.block_tables.gather(1, (pos // block_size)[:, None]).squeeze(1)
         return AttentionMetadata(
-            is_prefill=False,
+            phase=Phase.DECODE,
             slot_mapping=block.long() * block_size + pos % block_size,
             block_tables=self.block_tables,
             seq_lens=(pos + 1).int(),
@@ -92,14 +92,24 @@ class DecodeInputs:
         )
 
 
+def phase_of(batch: Batch) -> Phase:
+    prefilling = [not r.prefilled for r in batch.requests]
+    if not any(prefilling):
+        return Phase.DECODE
+    return Phase.PREFILL if all(prefilling) else Phase.MIXED
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, device: torch.device):
+    def __init__(self, model: CausalLM, backend: AttentionBackend, device: torch.device):
         self.model = model
+        self.backend = backend
         self.device = device
         self._decode: DecodeInputs | None = None  # the last decode step's inputs
 
-    def prepare(self, batch: Batch, block_size: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
-        """Inputs of a step built from the requests (every prefill; a decode whose batch changed)."""
+    def build_inputs(self, batch: Batch, block_size: int) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Inputs of a step built from the requests (every pass with prompt tokens; a decode whose
+        batch changed)."""
+        phase = phase_of(batch)
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -113,7 +123,7 @@ class ModelRunner:
             context_lens.append(start)
             query_lens.append(len(query))
         meta = AttentionMetadata.build(
-            is_prefill=batch.prefilling,
+            phase=phase,
             slot_mapping=slots,
             block_tables=[r.blocks for r in batch.requests],
             context_lens=context_lens,
@@ -137,7 +147,7 @@ class ModelRunner:
         ):
             step = last.advanced()
             return step, step.metadata(block_size)
-        input_ids, positions, meta = self.prepare(batch, block_size)
+        input_ids, positions, meta = self.build_inputs(batch, block_size)
         step = DecodeInputs(
             requests=reqs,
             block_tables=meta.block_tables,
@@ -154,11 +164,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch, kv_cache: KVCache) -> StepLogits:
         if batch.prefilling:
-            input_ids, positions, meta = self.prepare(batch, kv_cache.block_size)
+            input_ids, positions, meta = self.build_inputs(batch, kv_cache.block_size)
             step = None
         else:
             step, meta = self.decode_inputs(batch, kv_cache.block_size)
             input_ids, positions = step.input_ids, step.positions
+        meta = self.backend.prepare(meta)  # once per pass, read by every layer
         hidden = self.model(input_ids, positions, kv_cache.caches, meta)  # [T, hidden]
         # kept only once the forward pass ran: a Decode that fails is retried from the same inputs
         self._decode = step

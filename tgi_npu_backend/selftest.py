@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from tgi_npu_backend.kernels.base import AttentionMetadata
+from tgi_npu_backend.kernels.base import AttentionMetadata, Phase
 from tgi_npu_backend.kernels.reference import ReferenceBackend
 from tgi_npu_backend.models.layers.alibi import alibi_slopes as _alibi_slopes
 
@@ -108,7 +108,7 @@ def operator_checks(
             for p in range(ctx[i], ctx[i] + qlen[i])
         ]
         return AttentionMetadata.build(
-            is_prefill=is_prefill, slot_mapping=slots, block_tables=blocks[: len(ctx)],
+            phase=Phase.PREFILL if is_prefill else Phase.DECODE, slot_mapping=slots, block_tables=blocks[: len(ctx)],
             context_lens=ctx, query_lens=qlen, block_size=bs, device=device,
         )
 
@@ -126,6 +126,7 @@ def operator_checks(
         kc2, vc2 = kc.clone(), vc.clone()
 
         def run(b, kc=kc, vc=vc, q=q, k=k, v=v, m=m, is_prefill=is_prefill):
+            m = b.prepare(m)
             b.store_kv(k, v, kc, vc, m)
             if is_prefill:
                 return b.prefill(q, k, v, kc, vc, m, scale, slopes)
@@ -136,8 +137,8 @@ def operator_checks(
         if name == "prefill":
             rows.append(_compare(
                 "store_kv", "_npu_reshape_and_cache", torch.cat([kc, vc]), torch.cat([kc2, vc2]),
-                dtype, _time(partial(backend.store_kv, k, v, kc, vc, m), sync),
-                _time(partial(ref.store_kv, k, v, kc2, vc2, m), sync),
+                dtype, _time(partial(backend.store_kv, k, v, kc, vc, backend.prepare(m)), sync),
+                _time(partial(ref.store_kv, k, v, kc2, vc2, ref.prepare(m)), sync),
             ))
         rows.append(_compare(
             name, op, got, want, dtype, _time(partial(run, backend), sync),
@@ -196,13 +197,13 @@ def greedy_tokens(model, prompt: list[int], steps: int, block_size: int, device)
         for step in range(steps):
             pos = list(range(ctx, ctx + q))
             meta = AttentionMetadata.build(
-                is_prefill=step == 0,
+                phase=Phase.PREFILL if step == 0 else Phase.DECODE,
                 slot_mapping=[blocks[p // block_size] * block_size + p % block_size for p in pos],
                 block_tables=[blocks], context_lens=[ctx], query_lens=[q], block_size=block_size,
                 device=device,
             )
             ids = torch.tensor(tokens[ctx : ctx + q], device=device)
-            hidden = model(ids, torch.tensor(pos, device=device), caches, meta)
+            hidden = model(ids, torch.tensor(pos, device=device), caches, backend.prepare(meta))
             logits = model.compute_logits(hidden[-1:])[0].float().cpu()
             logits_seen.append(logits)
             tokens.append(int(logits.argmax()))

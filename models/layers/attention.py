@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tgi_npu_backend.kernels.base import AttentionBackend, AttentionMetadata
+from tgi_npu_backend.kernels.base import AttentionBackend, AttentionMetadata, Phase
 
 
 class PagedAttention(nn.Module):
@@ -59,7 +59,7 @@ class PagedAttention(nn.Module):
     ) -> Tensor:  # [T, H * D]
         key_cache, value_cache = kv_cache
         self.backend.store_kv(key, value, key_cache, value_cache, meta)
-        if meta.is_prefill:
+        if meta.phase is not Phase.DECODE:
             out = self.backend.prefill(
                 query, key, value, key_cache, value_cache, meta, self.scale, self.alibi_slopes
             )

@@ -14,6 +14,7 @@ from test_kernels import ALIBI, BLOCK_SIZES, DTYPES, HEADS, KV_HEADS, TOL, Paged
 from tgi_npu_backend.kernels import (
     AttentionBackend,
     AttentionMetadata,
+    Phase,
     ReferenceBackend,
     get_backend,
 )
@@ -121,11 +122,11 @@ def test_store_kv_skips_negative_slots():
     kc, vc = backend.allocate_kv_cache(4, 16, 1, 8, torch.float32, torch.device("cpu"))
     assert kc.shape == (4, 1, 16, 8) == backend.kv_cache_shape(4, 16, 1, 8)
     meta = AttentionMetadata.build(
-        is_prefill=True, slot_mapping=[17, -1, 18], block_tables=[[1]], context_lens=[0],
+        phase=Phase.PREFILL, slot_mapping=[17, -1, 18], block_tables=[[1]], context_lens=[0],
         query_lens=[3], block_size=16, device=torch.device("cpu"),
     )
     k = torch.arange(3.0)[:, None, None].expand(3, 1, 8)
-    backend.store_kv(k, -k, kc, vc, meta)
+    backend.store_kv(k, -k, kc, vc, backend.prepare(meta))
     assert kc[1, 0, 1].eq(0).all() and kc[1, 0, 2].eq(2).all() and vc[1, 0, 2].eq(-2).all()
     assert kc.count_nonzero() == 8  # only slot 18 (block 1, offset 2) is non-zero
 

@@ -14,6 +14,7 @@ import torch
 from tgi_npu_backend.kernels import (
     AttentionBackend,
     AttentionMetadata,
+    Phase,
     ReferenceBackend,
     check_block_size,
     get_backend,
@@ -94,7 +95,7 @@ class Paged:
     def meta(self, seqs, spans, is_prefill):
         """Metadata for sequences ``seqs`` computing positions ``[ctx, end)`` given in ``spans``."""
         return AttentionMetadata.build(
-            is_prefill=is_prefill,
+            phase=Phase.PREFILL if is_prefill else Phase.DECODE,
             slot_mapping=[self.slot(i, p) for i, (c, e) in zip(seqs, spans) for p in range(c, e)],
             block_tables=[self.tables[i] for i in seqs],
             context_lens=[c for c, _ in spans],
@@ -105,7 +106,7 @@ class Paged:
 
     def run(self, seqs, spans, slopes, is_prefill=True):
         """store_kv then prefill/decode; returns (output, oracle) both [T, H, D] float32."""
-        meta = self.meta(seqs, spans, is_prefill)
+        meta = self.backend.prepare(self.meta(seqs, spans, is_prefill))
 
         def cat(xs):
             return torch.cat([xs[i][c:e] for i, (c, e) in zip(seqs, spans)])
@@ -201,7 +202,7 @@ def test_store_kv_skips_negative_slots():
     backend = ReferenceBackend()
     kc, vc = backend.allocate_kv_cache(4, 16, 1, 8, torch.float32, torch.device("cpu"))
     meta = AttentionMetadata.build(
-        is_prefill=True,
+        phase=Phase.PREFILL,
         slot_mapping=[17, -1, 18],
         block_tables=[[1]],
         context_lens=[0],

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tgi_npu_backend.distributed import ParallelContext
-from tgi_npu_backend.kernels import AttentionMetadata, get_backend
+from tgi_npu_backend.kernels import AttentionMetadata, Phase, get_backend
 from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.layers.alibi import alibi_slopes, alibi_slopes_for_rank
@@ -96,7 +96,7 @@ class PagedRunner:
             pos += range(seq.cached, stop)
             slots += self._slots(seq, seq.cached, stop)
         meta = AttentionMetadata.build(
-            is_prefill=is_prefill,
+            phase=Phase.PREFILL if is_prefill else Phase.DECODE,
             slot_mapping=slots,
             block_tables=[s.blocks for s in seqs],
             context_lens=[s.cached for s in seqs],
@@ -105,6 +105,7 @@ class PagedRunner:
             device=CPU,
         )
         with torch.inference_mode():
+            meta = self.model.backend.prepare(meta)
             hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.caches, meta)
             logits = self.model.compute_logits(hidden)  # [T, V] float32
         assert logits.dtype == torch.float32

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tgi_npu_backend.kernels import AttentionMetadata, ReferenceBackend
+from tgi_npu_backend.kernels import AttentionMetadata, Phase, ReferenceBackend
 from tgi_npu_backend.kernels.npu import NpuBackend, alibi_groups
 from tgi_npu_backend.models.layers.alibi import alibi_slopes
 
@@ -23,7 +23,7 @@ def _scenario(ctx: list[int], qlen: list[int], block_size: int, heads: int, kv_h
     num_blocks = next_block + 2
     slots = [blocks[i][p // block_size] * block_size + p % block_size
              for i in range(len(ctx)) for p in range(ctx[i], ctx[i] + qlen[i])]
-    meta = AttentionMetadata.build(is_prefill=prefill, slot_mapping=slots, block_tables=blocks,
+    meta = AttentionMetadata.build(phase=Phase.PREFILL if prefill else Phase.DECODE, slot_mapping=slots, block_tables=blocks,
                                    context_lens=ctx, query_lens=qlen, block_size=block_size, device=CPU)
     t = sum(qlen)
     rand = lambda *s: torch.randn(*s, generator=g).to(dtype)
@@ -34,6 +34,7 @@ def _scenario(ctx: list[int], qlen: list[int], block_size: int, heads: int, kv_h
 
 
 def _run(backend, meta, q, k, v, kc, vc, slopes, prefill):
+    meta = backend.prepare(meta)
     backend.store_kv(k, v, kc, vc, meta)
     if prefill:
         return backend.prefill(q, k, v, kc, vc, meta, q.shape[-1] ** -0.5, slopes)
@@ -143,7 +144,7 @@ def test_two_tokens_for_one_slot_are_stored_once(npu_emulated):
     heads, d, bs, dtype = 2, 16, 16, torch.float16
     g = torch.Generator().manual_seed(0)
     slot = 1 * bs + 15
-    meta = AttentionMetadata.build(is_prefill=True, slot_mapping=[slot, slot], block_tables=[[1], [1]],
+    meta = AttentionMetadata.build(phase=Phase.PREFILL, slot_mapping=[slot, slot], block_tables=[[1], [1]],
                                    context_lens=[15, 15], query_lens=[1, 1], block_size=bs, device=CPU)
     assert meta.store_rows == [0]
     q = torch.randn(2, heads, d, generator=g).to(dtype)

@@ -16,10 +16,11 @@ from transformers import AutoTokenizer
 from tgi_npu_backend.config import ServerConfig
 from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.load import build_generator
+from tgi_npu_backend.kernels import Phase
 from tgi_npu_backend.model_runner import DecodeInputs
 
 META_TENSORS = ("slot_mapping", "block_tables", "seq_lens", "context_lens", "cu_seqlens_q")
-META_VALUES = ("is_prefill", "max_seqlen_q", "max_seqlen_k", "block_size", "seq_lens_list",
+META_VALUES = ("phase", "max_seqlen_q", "max_seqlen_k", "block_size", "seq_lens_list",
                "context_lens_list", "query_lens_list")
 
 
@@ -77,12 +78,12 @@ def test_incremental_decode_inputs_equal_rebuilt_ones(fixture, request, monkeypa
 
     def checked_forward(batch, kv_cache):
         if not batch.prefilling:
-            expected["inputs"] = runner.prepare(batch, kv_cache.block_size)
+            expected["inputs"] = runner.build_inputs(batch, kv_cache.block_size)
         return forward(batch, kv_cache)
 
     def check(module, args):
         input_ids, positions, _, meta = args
-        if meta.is_prefill:
+        if meta.phase is not Phase.DECODE:
             return
         seen["steps"] += 1
         ids, pos, rebuilt = expected.pop("inputs")
