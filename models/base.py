@@ -17,6 +17,7 @@ from tgi_npu_backend.distributed import ParallelContext
 from tgi_npu_backend.kernels.base import AttentionBackend, AttentionMetadata
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.weights import Weights
 
 LM_HEAD = "lm_head.weight"
@@ -33,9 +34,13 @@ class CausalLM(nn.Module, ABC):
         parallel: ParallelContext = ParallelContext(),
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        # Decoder-block linears run the checkpoint's (or --quantize eetq's) int8 scheme;
+        # embeddings and the LM head stay float, as in TGI.
+        self.quant = quant
         self.backend = backend
         self.parallel = parallel
         self.dtype = dtype

@@ -25,6 +25,7 @@ from tgi_npu_backend.models.layers.attention import PagedAttention
 from tgi_npu_backend.models.layers.embedding import VocabParallelEmbedding
 from tgi_npu_backend.models.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgi_npu_backend.models.layers.norm import LayerNorm
+from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.weights import Weights
 
 PREFIX = "transformer."
@@ -40,6 +41,7 @@ class BloomAttention(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         hidden, d = cfg.hidden_size, cfg.head_dim
@@ -47,12 +49,9 @@ class BloomAttention(nn.Module):
         self.head_dim = d
         # Each rank's heads are a contiguous block of rows of the (heads, 3, head_dim) layout,
         # so a plain row shard reads exactly this rank's q, k and v.
-        self.query_key_value = ColumnParallelLinear(
-            hidden, 3 * hidden, bias=True, parallel=parallel, dtype=dtype, device=device
-        )
-        self.dense = RowParallelLinear(
-            hidden, hidden, bias=True, parallel=parallel, dtype=dtype, device=device
-        )
+        kw = {"bias": True, "parallel": parallel, "dtype": dtype, "device": device, "quant": quant}
+        self.query_key_value = ColumnParallelLinear(hidden, 3 * hidden, **kw)
+        self.dense = RowParallelLinear(hidden, hidden, **kw)
         self.attn = PagedAttention(
             layer_idx=layer_idx,
             num_heads=self.local_heads,
@@ -66,12 +65,11 @@ class BloomAttention(nn.Module):
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.query_key_value.load(weights, f"{prefix}.query_key_value")
-        # Un-interleave: rows (heads, 3, head_dim) -> (3, heads, head_dim) = [q | k | v].
+        # Un-interleave: rows (heads, 3, head_dim) -> (3, heads, head_dim) = [q | k | v]
+        # (weights, biases and any per-row quantization scales alike).
         h, d = self.local_heads, self.head_dim
-        w = self.query_key_value.weight.data
-        w.copy_(w.view(h, 3, d, -1).transpose(0, 1).reshape(3 * h * d, -1).clone())
-        b = self.query_key_value.bias.data
-        b.copy_(b.view(h, 3, d).transpose(0, 1).reshape(3 * h * d).clone())
+        rows = torch.arange(3 * h * d, device=self.query_key_value.bias.device)
+        self.query_key_value.permute_out_rows(rows.view(h, 3, d).transpose(0, 1).reshape(-1))
         self.dense.load(weights, f"{prefix}.dense")
 
     def forward(
@@ -92,9 +90,10 @@ class BloomMLP(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
-        kw = {"bias": True, "parallel": parallel, "dtype": dtype, "device": device}
+        kw = {"bias": True, "parallel": parallel, "dtype": dtype, "device": device, "quant": quant}
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.gelu = BloomGelu()
         self.dense_4h_to_h = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
@@ -117,15 +116,16 @@ class BloomBlock(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.self_attention = BloomAttention(
-            cfg, layer_idx, backend=backend, parallel=parallel, **kw
+            cfg, layer_idx, backend=backend, parallel=parallel, quant=quant, **kw
         )
         self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps, **kw)
-        self.mlp = BloomMLP(cfg, parallel=parallel, **kw)
+        self.mlp = BloomMLP(cfg, parallel=parallel, quant=quant, **kw)
         # NOTE: some BLOOM variants take the residual after the LayerNorm instead of before it.
         self.residual_after_norm = cfg.apply_residual_connection_post_layernorm
 
@@ -155,8 +155,11 @@ class BloomForCausalLM(CausalLM):
         parallel: ParallelContext = ParallelContext(),
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quant: QuantConfig | None = None,
     ) -> None:
-        super().__init__(config, backend=backend, parallel=parallel, dtype=dtype, device=device)
+        super().__init__(
+            config, backend=backend, parallel=parallel, dtype=dtype, device=device, quant=quant
+        )
         kw = {"dtype": dtype, "device": self.device}
         cfg = config
         self.word_embeddings = VocabParallelEmbedding(
@@ -164,7 +167,7 @@ class BloomForCausalLM(CausalLM):
         )
         self.word_embeddings_layernorm = LayerNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.h = nn.ModuleList(
-            BloomBlock(cfg, i, backend=backend, parallel=parallel, **kw)
+            BloomBlock(cfg, i, backend=backend, parallel=parallel, quant=quant, **kw)
             for i in range(cfg.num_layers)
         )
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, **kw)

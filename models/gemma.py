@@ -19,6 +19,7 @@ from tgi_npu_backend.models.layers.attention import PagedAttention
 from tgi_npu_backend.models.layers.embedding import VocabParallelEmbedding
 from tgi_npu_backend.models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from tgi_npu_backend.models.layers.norm import GemmaRMSNorm
+from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.models.layers.rotary import RotaryEmbedding
 from tgi_npu_backend.weights import Weights
 
@@ -33,6 +34,7 @@ class GemmaAttention(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         d = cfg.head_dim
@@ -50,6 +52,7 @@ class GemmaAttention(nn.Module):
             parallel=parallel,
             dtype=dtype,
             device=device,
+            quant=quant,
         )
         self.o_proj = RowParallelLinear(
             cfg.num_heads * d,
@@ -58,6 +61,7 @@ class GemmaAttention(nn.Module):
             parallel=parallel,
             dtype=dtype,
             device=device,
+            quant=quant,
         )
         self.attn = PagedAttention(
             layer_idx=layer_idx,
@@ -97,18 +101,16 @@ class GemmaMLP(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [inter, inter], parallel=parallel, dtype=dtype, device=device
-        )
+        kw = {"parallel": parallel, "dtype": dtype, "device": device, "quant": quant}
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], **kw)
         # NOTE: Gemma always uses tanh GeLU; early Gemma configs said "gelu" (exact) although the
         # model was trained with the tanh approximation (transformers PR 29402 / the Gemma fix).
         self.act = GeluAndMul(approximate="tanh")
-        self.down_proj = RowParallelLinear(
-            inter, cfg.hidden_size, parallel=parallel, dtype=dtype, device=device
-        )
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, **kw)
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
@@ -128,15 +130,18 @@ class GemmaDecoderLayer(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, backend=backend, **kw)
-        self.self_attn = GemmaAttention(cfg, layer_idx, backend=backend, parallel=parallel, **kw)
+        self.self_attn = GemmaAttention(
+            cfg, layer_idx, backend=backend, parallel=parallel, quant=quant, **kw
+        )
         self.post_attention_layernorm = GemmaRMSNorm(
             cfg.hidden_size, cfg.norm_eps, backend=backend, **kw
         )
-        self.mlp = GemmaMLP(cfg, parallel=parallel, **kw)
+        self.mlp = GemmaMLP(cfg, parallel=parallel, quant=quant, **kw)
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.input_layernorm.load(weights, f"{prefix}.input_layernorm")
@@ -165,15 +170,18 @@ class GemmaForCausalLM(CausalLM):
         parallel: ParallelContext = ParallelContext(),
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quant: QuantConfig | None = None,
     ) -> None:
-        super().__init__(config, backend=backend, parallel=parallel, dtype=dtype, device=device)
+        super().__init__(
+            config, backend=backend, parallel=parallel, dtype=dtype, device=device, quant=quant
+        )
         cfg = config
         kw = {"dtype": dtype, "device": self.device}
         self.embed_tokens = VocabParallelEmbedding(
             cfg.vocab_size, cfg.hidden_size, parallel=parallel, **kw
         )
         self.layers = nn.ModuleList(
-            GemmaDecoderLayer(cfg, i, backend=backend, parallel=parallel, **kw)
+            GemmaDecoderLayer(cfg, i, backend=backend, parallel=parallel, quant=quant, **kw)
             for i in range(cfg.num_layers)
         )
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.norm_eps, backend=backend, **kw)

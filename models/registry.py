@@ -13,6 +13,7 @@ from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.bloom import BloomForCausalLM
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.gemma import GemmaForCausalLM
+from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.weights import Weights
 
 MODELS: dict[str, type[CausalLM]] = {
@@ -35,9 +36,11 @@ def load_model(
     device: torch.device,
     backend: AttentionBackend,
     parallel: ParallelContext = ParallelContext(),
+    quant: QuantConfig | None = None,
 ) -> CausalLM:
     """Build the model ``config.json`` names and load its weights strictly (this rank's shard):
-    every parameter read, shapes checked, and no tensor left unused."""
+    every parameter read, shapes checked, and no tensor left unused. ``quant``: the int8 scheme
+    of the decoder-block linears (``quant.detect``)."""
     config = read_model_config(model_dir)
     cls = MODELS.get(config.model_type)
     if cls is None:  # ModelConfig and MODELS disagree: a programming error, still say it plainly
@@ -47,7 +50,9 @@ def load_model(
     weights = Weights(
         model_dir, dtype=dtype, device=device, parallel=parallel, resolver=cls.weight_names
     )
-    model = cls(config, backend=backend, parallel=parallel, dtype=dtype, device=device)
+    model = cls(
+        config, backend=backend, parallel=parallel, dtype=dtype, device=device, quant=quant
+    )
     model.load_weights(weights)
     weights.check_all_used(model.allowed_unused())
     return model.eval()

@@ -80,27 +80,39 @@ class Weights:
         self.used.add(self.resolve(name))
 
     # ---- reads -------------------------------------------------------------------------------
-    def get(self, name: str, shape: Sequence[int] | None = None) -> Tensor:
-        """The full tensor, floating types cast to the model dtype, on the model device."""
+    def get(
+        self, name: str, shape: Sequence[int] | None = None, *, keep_dtype: bool = False
+    ) -> Tensor:
+        """The full tensor, floating types cast to the model dtype (unless ``keep_dtype``: e.g.
+        float32 quantization scales), on the model device."""
         disk = self.resolve(name)
         self._check_shape(name, disk, shape)
         tensor = self._handle(disk).get_tensor(disk)
-        return self._finish(disk, tensor)
+        return self._finish(disk, tensor, keep_dtype)
 
     def get_sharded(self, name: str, dim: int, shape: Sequence[int] | None = None) -> Tensor:
         """This rank's equal share of ``dim`` (``shape`` is the expected *full* shape)."""
         return self.get_shard(name, dim, self.parallel.rank, self.parallel.world_size, shape)
 
     def get_shard(
-        self, name: str, dim: int, index: int, count: int, shape: Sequence[int] | None = None
+        self,
+        name: str,
+        dim: int,
+        index: int,
+        count: int,
+        shape: Sequence[int] | None = None,
+        *,
+        keep_dtype: bool = False,
     ) -> Tensor:
         """Block ``index`` of ``count`` equal blocks along ``dim``; only that block is read."""
         disk = self.resolve(name)
         full = self._check_shape(name, disk, shape)
         block = shard_size(full[dim], count, f"dim {dim} of tensor {name!r}")
-        return self.get_range(name, dim, index * block, (index + 1) * block)
+        return self.get_range(name, dim, index * block, (index + 1) * block, keep_dtype=keep_dtype)
 
-    def get_range(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+    def get_range(
+        self, name: str, dim: int, start: int, stop: int, *, keep_dtype: bool = False
+    ) -> Tensor:
         """Rows ``start:stop`` of ``dim`` (read through ``get_slice``: only those rows)."""
         disk = self.resolve(name)
         view = self._handle(disk).get_slice(disk)
@@ -109,7 +121,7 @@ class Weights:
         if not 0 <= start <= stop <= full[dim]:
             raise ValueError(f"range {start}:{stop} is outside dim {dim} of {name!r} {full}")
         index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(full)))
-        return self._finish(disk, view[index])
+        return self._finish(disk, view[index], keep_dtype)
 
     # ---- strictness --------------------------------------------------------------------------
     def check_all_used(self, allowed_unused: Iterable[str] = ()) -> None:
@@ -145,9 +157,9 @@ class Weights:
             )
         return found
 
-    def _finish(self, disk: str, tensor: Tensor) -> Tensor:
+    def _finish(self, disk: str, tensor: Tensor, keep_dtype: bool = False) -> Tensor:
         self.used.add(disk)
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and not keep_dtype:
             tensor = tensor.to(self.dtype)
         return tensor.to(self.device).contiguous()
 
