@@ -13,9 +13,6 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor, nn
-
-from tgi_npu_backend.distributed import ParallelContext
 from tgi_npu_backend.kernels.base import AttentionBackend, AttentionMetadata
 from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.config import ModelConfig
@@ -26,6 +23,9 @@ from tgi_npu_backend.models.layers.embedding import VocabParallelEmbedding
 from tgi_npu_backend.models.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tgi_npu_backend.models.layers.norm import LayerNorm
 from tgi_npu_backend.models.layers.quant import QuantConfig
+from torch import Tensor, nn
+
+from tgi_npu_backend.distributed import ParallelContext
 from tgi_npu_backend.weights import Weights
 
 PREFIX = "transformer."
@@ -47,6 +47,7 @@ class BloomAttention(nn.Module):
         hidden, d = cfg.hidden_size, cfg.head_dim
         self.local_heads = cfg.heads_per_rank(parallel.world_size)
         self.head_dim = d
+        self.rows_device = device
         # Each rank's heads are a contiguous block of rows of the (heads, 3, head_dim) layout,
         # so a plain row shard reads exactly this rank's q, k and v.
         kw = {"bias": True, "parallel": parallel, "dtype": dtype, "device": device, "quant": quant}
@@ -68,7 +69,7 @@ class BloomAttention(nn.Module):
         # Un-interleave: rows (heads, 3, head_dim) -> (3, heads, head_dim) = [q | k | v]
         # (weights, biases and any per-row quantization scales alike).
         h, d = self.local_heads, self.head_dim
-        rows = torch.arange(3 * h * d, device=self.query_key_value.bias.device)
+        rows = torch.arange(3 * h * d, device=self.rows_device)
         self.query_key_value.permute_out_rows(rows.view(h, 3, d).transpose(0, 1).reshape(-1))
         self.dense.load(weights, f"{prefix}.dense")
 

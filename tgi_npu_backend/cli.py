@@ -62,7 +62,12 @@ def main() -> None:
 @click.argument("model_id")
 @click.option("--revision", default=None)
 @click.option("--sharded/--no-sharded", default=False, help="Tensor parallel: RANK/WORLD_SIZE from env.")
-@click.option("--quantize", default=None, help="Not supported yet: any value is refused.")
+@click.option(
+    "--quantize",
+    default=None,
+    help="eetq (int8 weights quantized at load) | compressed-tensors | msmodelslim (int8 "
+    "W8A8/W8A16 checkpoints; detected from the model directory when omitted).",
+)
 @click.option("--speculate", type=int, default=None, help="Not supported: any value > 0 is refused.")
 @click.option("--dtype", default=None, help="float32 | float16 | bfloat16 (CPU default float32).")
 @click.option("--kv-cache-dtype", default=None, help="Not supported: any value is refused.")

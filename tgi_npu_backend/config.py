@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import launcher_env
+from tgi_npu_backend.models.layers.quant.detect import check_flag as check_quantize
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "npu", "npu-emulated")
@@ -76,6 +77,8 @@ class ServerConfig:
     revision: str | None = None
     sharded: bool = False
     dtype: str | None = None  # None: float32 on CPU, the checkpoint's half type on NPU
+    # --quantize (eetq | compressed-tensors | msmodelslim); None: as the checkpoint is
+    quantize: str | None = None
     trust_remote_code: bool = False
     uds_path: str = "/tmp/text-generation-server"
     log_level: str | None = "INFO"
@@ -141,11 +144,7 @@ class ServerConfig:
         dist_timeout: float | None = None,
     ) -> ServerConfig:
         """Validate flags + environment; refuse what this shard cannot honour, naming the flag."""
-        if quantize:
-            raise _flag_error(
-                "--quantize", quantize,
-                "quantization is not supported by this shard yet; serve an unquantized checkpoint",
-            )
+        check_quantize(quantize)
         if speculate:
             raise _flag_error("--speculate", speculate, "speculative decoding is not supported; drop the flag")
         if kv_cache_dtype:
@@ -202,6 +201,7 @@ class ServerConfig:
             revision=revision,
             sharded=sharded,
             dtype=dtype,
+            quantize=quantize or None,
             trust_remote_code=trust_remote_code,
             uds_path=uds_path,
             log_level=log_level,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from loguru import logger
 
 from tgi_npu_backend.kernels import AttentionBackend, check_block_size, get_backend
 from tgi_npu_backend.models.config import ModelConfig
+from tgi_npu_backend.models.layers.quant import detect as detect_quantization
+from tgi_npu_backend.models.layers.quant.methods import weight_bytes
 from tgi_npu_backend.models.registry import load_model, read_model_config
 
 from . import device as devices
@@ -80,6 +83,7 @@ def build_generator(config: ServerConfig) -> Generator:
     model_dir = resolve_model_dir(config.model_id, config.revision, config.hub_cache)
     model_config = read_model_config(model_dir)  # refuses unsupported architectures early
     check_tensor_parallel(model_config, config.world_size)
+    quant = detect_quantization(model_dir, config.quantize)  # refuses what it cannot serve
     platform = devices.select_platform(config.device, config.rank, config.emulation)
     device = platform.device
     dtype = devices.select_dtype(config.dtype, platform, model_config.torch_dtype)
@@ -108,7 +112,14 @@ def build_generator(config: ServerConfig) -> Generator:
         f"loading {model_config.model_type} from {model_dir} on {platform.name} ({device}) as {dtype} "
         f"(rank {parallel.rank}/{parallel.world_size}, attention {backend.name}, block size {block_size})"
     )
-    model = load_model(model_dir, dtype=dtype, device=device, backend=backend, parallel=parallel)
+    if quant is not None:
+        quant = replace(quant, ops="npu" if platform.kind == "npu" else "cpu")
+        logger.info(f"quantization: {quant.description} (int8 kernels: {quant.ops}); embeddings and "
+                    "the LM head stay float")
+    model = load_model(
+        model_dir, dtype=dtype, device=device, backend=backend, parallel=parallel, quant=quant
+    )
+    logger.info(f"weights on this rank: {weight_bytes(model) / 2**20:.1f} MiB")
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     kv_spec = KVCacheSpec(
         num_layers=model_config.num_layers,

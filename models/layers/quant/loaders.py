@@ -128,7 +128,8 @@ def _ct_part(r: _Reader, scheme: LinearScheme) -> dict:
     else:
         q = r.matrix("weight")
     out = {"qweight": q, "w_scale": r.per_group("weight_scale").float()}
-    if scheme.group_size is not None and q.shape[1] // out["w_scale"].shape[1] != scheme.group_size:
+    groups = out["w_scale"].shape[1]  # one group over the whole row is a per-channel scale
+    if scheme.group_size is not None and groups > 1 and q.shape[1] // groups != scheme.group_size:
         raise ValueError(f"{r.name('weight_scale')}: {out['w_scale'].shape[1]} groups over "
                          f"{q.shape[1]} columns, but config.json says group_size "
                          f"{scheme.group_size}")
@@ -185,7 +186,11 @@ def load_int8(weights: Weights, scheme: LinearScheme, layout: Layout) -> Int8Lin
         if bool((layer.in_scale <= 0).any()):
             raise ValueError(f"{layout.parts[0].prefix}: input_scale must be positive, found "
                              f"{layer.in_scale.tolist()}")
-    return layer.to(weights.device)
+    # NOTE: own every tensor: one read straight from a safetensors file may sit at any address,
+    # and the CPU int8 kernels crash on an int8 weight that is not 64-byte aligned (torch 2.13).
+    for name, t in layer.tensors().items():
+        setattr(layer, name, t.to(weights.device).clone())
+    return layer
 
 
 def _concat(tensors: Sequence[Tensor | None]) -> Tensor:

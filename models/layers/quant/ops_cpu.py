@@ -53,7 +53,7 @@ def matmul(x: Tensor, t: Int8Linear, add_qbias: bool = True) -> Tensor:
 
 
 def _w8a16(x: Tensor, t: Int8Linear) -> Tensor:
-    xb = x.to(COMPUTE)
+    xb = x.to(COMPUTE).contiguous()  # NOTE: a strided A crashes the kernel (torch 2.13)
     ones = t.extra["ones"]
     if not t.group_major:
         out = torch._weight_int8pack_mm(xb, t.qweight, ones).float() * t.w_scale[:, 0]
