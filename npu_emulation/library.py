@@ -14,6 +14,12 @@ from .ops_cache import reshape_and_cache
 from .ops_flash import flash_attention, flash_attention_v2
 from .ops_paged import paged_attention, paged_attention_splitfuse, paged_attention_v2
 from .ops_prefix import flash_attention_prefix_v2
+from .ops_quant import (
+    npu_dynamic_quant,
+    npu_quant_matmul,
+    npu_quantize,
+    npu_weight_quant_batchmatmul,
+)
 from .schemas import OPERATORS
 
 # overload ("name" or "name.overload") -> CPU implementation
@@ -28,6 +34,10 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "npu_rms_norm": npu_rms_norm,
     "npu_add_rms_norm": npu_add_rms_norm,
     "npu_rotary_mul": npu_rotary_mul,
+    "npu_quantize": npu_quantize,
+    "npu_dynamic_quant": npu_dynamic_quant,
+    "npu_quant_matmul": npu_quant_matmul,
+    "npu_weight_quant_batchmatmul": npu_weight_quant_batchmatmul,
 }
 
 _LIBRARIES: dict[str, torch.library.Library] = {}  # kept alive: a collected Library deregisters

@@ -113,6 +113,36 @@ OPERATORS: dict[str, OpSchema] = {
              "Tensor? rotate=None) -> Tensor",),
             NPU_SO, "whole string",
         ),
+        # int8 linears (models/layers/quant, kernels/npu_quant.py): aclnn ops, stored whole
+        OpSchema(
+            "npu_quantize", "npu", "torch_npu",
+            ("npu_quantize(Tensor input, Tensor scales, Tensor? zero_points, int dtype, "
+             "int axis=1, bool div_mode=True) -> Tensor",),
+            NPU_SO, "whole string",
+        ),
+        OpSchema(
+            "npu_dynamic_quant", "npu", "torch_npu",
+            ("npu_dynamic_quant(Tensor input, *, Tensor? smooth_scales=None, "
+             "Tensor? group_index=None, int? dst_type=None, str quant_mode=\"pertoken\", "
+             "float dst_type_max=0.0) -> (Tensor, Tensor)",),
+            NPU_SO, "whole string",
+        ),
+        OpSchema(
+            "npu_quant_matmul", "npu", "torch_npu",
+            ("npu_quant_matmul(Tensor x1, Tensor x2, Tensor scale, *, Tensor? offset=None, "
+             "Tensor? pertoken_scale=None, Tensor? bias=None, int? output_dtype=None, "
+             "int? x1_dtype=None, int? x2_dtype=None, int? pertoken_scale_dtype=None, "
+             "int? scale_dtype=None, int[]? group_sizes=None, Tensor? y_scale=None) -> Tensor",),
+            NPU_SO, "whole string",
+        ),
+        OpSchema(
+            "npu_weight_quant_batchmatmul", "npu", "torch_npu",
+            ("npu_weight_quant_batchmatmul(Tensor x, Tensor weight, Tensor antiquant_scale, "
+             "Tensor? antiquant_offset=None, Tensor? quant_scale=None, Tensor? quant_offset=None, "
+             "Tensor? bias=None, int antiquant_group_size=0, int inner_precise=0, "
+             "int? weight_dtype=None) -> Tensor",),
+            NPU_SO, "whole string",
+        ),
     )
 }
 
@@ -129,4 +159,16 @@ DOC_DIFFERENCES: dict[str, str] = {
         "registers"
     ),
     "npu_rms_norm": "_op_plugin_docs.py and the codegen yaml name the first argument 'self'",
+    "npu_dynamic_quant": (
+        "_op_plugin_docs.py names the first argument 'x' and omits 'str quant_mode=\"pertoken\", "
+        "float dst_type_max=0.0' that the .so registers"
+    ),
+    "npu_quant_matmul": (
+        "_op_plugin_docs.py documents 'ScalarType? output_dtype=None' as the last argument; the .so "
+        "registers 'int? output_dtype=None' followed by x1_dtype, x2_dtype, pertoken_scale_dtype, "
+        "scale_dtype, group_sizes and y_scale"
+    ),
+    "npu_weight_quant_batchmatmul": (
+        "_op_plugin_docs.py omits the trailing 'int? weight_dtype=None' that the .so registers"
+    ),
 }

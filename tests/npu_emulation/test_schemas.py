@@ -68,6 +68,14 @@ def _doc_form(name: str, registered: str) -> str:
         registered = registered.replace(" Tensor? workspace=None,", "")
     if name == "npu_rms_norm":
         registered = registered.replace("Tensor input", "Tensor self")
+    if name == "npu_dynamic_quant":
+        registered = registered.replace("Tensor input", "Tensor x")
+        registered = registered.replace(', str quant_mode="pertoken", float dst_type_max=0.0', "")
+    if name == "npu_quant_matmul":
+        registered = registered.split("int? output_dtype=None")[0] + (
+            "ScalarType? output_dtype=None) -> Tensor")
+    if name == "npu_weight_quant_batchmatmul":
+        registered = registered.replace(", int? weight_dtype=None", "")
     return registered
 
 
