@@ -8,9 +8,10 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from tgi_npu_backend.models.layers.quant.detect import SUPPORTED as QUANTIZE
+
 # Flags of text-generation-launcher that this launcher refuses, and why.
 REFUSED: dict[str, str] = {
-    "--quantize": "the NPU/CPU shard loads unquantized weights only",
     "--kv-cache-dtype": "the KV cache uses the model dtype",
     "--speculate": "speculative decoding is not implemented by the shard",
     "--lora-adapters": "LoRA adapters are not supported (unknown adapter_id falls back to the base model)",
@@ -30,7 +31,6 @@ REFUSED: dict[str, str] = {
 # the same way. NGROK_AUTHTOKEN/NGROK_EDGE are left alone: they do nothing without NGROK, and the
 # ngrok CLI's own users have them set.
 REFUSED_ENV = (
-    "--quantize",
     "--kv-cache-dtype",
     "--speculate",
     "--lora-adapters",
@@ -92,6 +92,7 @@ class LauncherArgs:
     graceful_termination_timeout: int
     api_key: str | None = field(default=None, repr=False)  # never printed (--env, logs)
     cors_allow_origin: tuple[str, ...] = ()
+    quantize: str | None = None  # passed to the shards; None: config.json's quant_method (cli.py)
 
 
 def _env(name: str, default):
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--sharded", _bool, help_="true/false: shard the model over --num-shard processes")
     opt("--num-shard", int)
     opt("--dtype", choices=["float16", "bfloat16", "float32"])
+    opt("--quantize", choices=list(QUANTIZE),
+        help_="int8: eetq (quantized at load), compressed-tensors, msmodelslim (checkpoints); "
+        "default: config.json's quantization_config.quant_method")
     flag("--trust-remote-code")
     opt("--max-concurrent-requests", int, 128)
     opt("--max-best-of", int, 1, "only 1 is supported")
@@ -257,6 +261,11 @@ def parse_args(argv: list[str]) -> LauncherArgs:
 
 
 def _check(a: LauncherArgs) -> None:
+    if a.quantize is not None and a.quantize not in QUANTIZE:  # e.g. QUANTIZE=awq in the environment
+        raise RefusedFlag(
+            f"--quantize {a.quantize}: the shards serve {', '.join(QUANTIZE)} (int8); "
+            "other methods are not supported"
+        )
     if a.max_best_of != 1:
         raise RefusedFlag(
             f"--max-best-of {a.max_best_of}: only best_of=1 is supported by tgi-npu-launcher"

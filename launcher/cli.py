@@ -13,12 +13,18 @@ import signal
 import sys
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from .args import LauncherArgs, RefusedFlag, find_num_shards, parse_args
 from .client import ShardedClient
 from .errors import ClientError, LauncherError
 from .logs import setup_logging, shard_log_level
-from .model_config import default_prefill_tokens, load_config, resolve_attention
+from .model_config import (
+    default_prefill_tokens,
+    load_config,
+    resolve_attention,
+    resolve_quantize,
+)
 from .router import Router, RouterSettings
 from .shards import ShardManager
 from .tokenizer import Tokenizer
@@ -117,6 +123,7 @@ async def launch(args: LauncherArgs) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     config = load_config(args.model_id, args.revision, os.environ)
+    args = replace(args, quantize=resolve_quantize(config, args.quantize))
     world_size = find_num_shards(args.sharded, args.num_shard)
     attention, prefix_caching = resolve_attention(config, dict(os.environ))
     prefill_tokens = args.max_batch_prefill_tokens

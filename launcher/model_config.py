@@ -1,5 +1,6 @@
 """What the launcher reads from the model's ``config.json``: the ATTENTION / PREFIX_CACHING
-hints for the shards (TGI ``resolve_attention``) and the default prefill budget."""
+hints for the shards (TGI ``resolve_attention``), the quantization method and the default
+prefill budget."""
 
 from __future__ import annotations
 
@@ -109,3 +110,16 @@ def default_prefill_tokens(config: dict | None) -> int:
             if config.get(key):
                 return min(value, int(config[key]))
     return value
+
+
+def resolve_quantize(config: dict | None, given: str | None) -> str | None:
+    """``--quantize`` as TGI's launcher picks it: the user's value, else config.json's
+    ``quantization_config.quant_method`` (the shard refuses a method it cannot serve, naming it).
+    msModelSlim checkpoints carry none: the shard finds their description file itself."""
+    if given:
+        return given
+    qcfg = (config or {}).get("quantization_config")
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+    if method:
+        log.info(f"Auto selecting quantization method {method}")
+    return method or None

@@ -113,6 +113,8 @@ def serve_command(args: LauncherArgs, world_size: int, log_level: str) -> list[s
         cmd.append("--sharded")
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     if args.revision:
         cmd += ["--revision", args.revision]
     if args.otlp_endpoint:

@@ -21,7 +21,7 @@ def test_defaults_match_text_generation_launcher(monkeypatch):
 
 @pytest.mark.parametrize(
     "flag",
-    ["--quantize", "--speculate", "--lora-adapters", "--ngrok", "--kv-cache-dtype",
+    ["--speculate", "--lora-adapters", "--ngrok", "--kv-cache-dtype",
      "--rope-scaling", "--rope-factor", "--weights-cache-override"],
 )
 def test_unsupported_flags_are_refused_by_name(flag):
@@ -158,7 +158,7 @@ def test_shard_json_log_lines_are_reemitted_at_their_level(caplog):
 
 @pytest.mark.parametrize(
     "var, value",
-    [("QUANTIZE", "awq"), ("SPECULATE", "2"), ("KV_CACHE_DTYPE", "fp8"), ("LORA_ADAPTERS", "a"),
+    [("SPECULATE", "2"), ("KV_CACHE_DTYPE", "fp8"), ("LORA_ADAPTERS", "a"),
      ("NGROK", "true"), ("TOKENIZER_CONFIG_PATH", "/t.json"), ("ROPE_SCALING", "linear"),
      ("ROPE_FACTOR", "2"), ("WEIGHTS_CACHE_OVERRIDE", "/w")],
 )
@@ -220,3 +220,22 @@ def test_warmup_without_max_input_keeps_max_new_tokens_positive():
     assert req.max_total_tokens == 96 and not req.HasField("max_input_tokens")
     with pytest.raises(RefusedFlag, match="--max-total-tokens 1: must be at least 2"):
         parse_args(["--max-total-tokens", "1"])
+def test_quantize_is_passed_to_the_shards_or_read_from_config_json(monkeypatch):
+    from tgi_npu_backend.launcher.model_config import resolve_quantize
+    from tgi_npu_backend.launcher.shards import serve_command
+
+    args = parse_args(["--quantize", "eetq"])
+    assert args.quantize == "eetq"
+    cmd = serve_command(args, 1, "INFO")
+    assert cmd[cmd.index("--quantize") + 1] == "eetq"
+    assert "--quantize" not in serve_command(parse_args([]), 1, "INFO")
+    with pytest.raises(SystemExit):
+        parse_args(["--quantize", "gptq"])  # argparse names the value and the choices
+    ct = {"quantization_config": {"quant_method": "compressed-tensors"}}
+    assert resolve_quantize(ct, None) == "compressed-tensors"
+    assert resolve_quantize(ct, "eetq") == "eetq"  # the user's value wins, as in TGI
+    assert resolve_quantize({"model_type": "bloom"}, None) is None
+    assert resolve_quantize(None, None) is None
+    monkeypatch.setenv("QUANTIZE", "awq")  # the environment form, as clap reads it
+    with pytest.raises(RefusedFlag, match="--quantize awq: the shards serve eetq"):
+        parse_args([])
