@@ -39,8 +39,6 @@ def float_dirs(tmp_path_factory):
     }
 
 
-CT_SCHEMES = ("W8A16", "W8A16-channel", "W8A8", "W8A8-static")
-MS_KINDS = ("W8A16", "W8A8", "W8A8_DYNAMIC")
 
 
 @pytest.fixture(scope="session")

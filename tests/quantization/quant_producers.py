@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tgi_npu_backend.models.layers.quant.int8 import float32_to_int64_bits
 
+CT_SCHEMES = ("W8A16", "W8A16-channel", "W8A8", "W8A8-static")
+MS_KINDS = ("W8A16", "W8A8", "W8A8_DYNAMIC")
 LINEARS = {
     "bloom": ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
               "mlp.dense_4h_to_h"),

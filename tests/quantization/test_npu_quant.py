@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CT_SCHEMES, MS_KINDS
+from quant_producers import CT_SCHEMES, MS_KINDS
 from quant_helpers import load, prompt_ids, prompt_logits, quantized_linears, use_ops
 
 CASES = (
