@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tgi_npu_backend.kernels import AttentionMetadata, get_backend
+from tgi_npu_backend.kernels import AttentionMetadata, Phase, get_backend
 from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.layers.quant import detect
 from tgi_npu_backend.models.registry import load_model
@@ -46,10 +46,11 @@ def prompt_logits(model: CausalLM, ids: list[int]) -> Tensor:
         for _ in range(model.num_layers)
     ]
     meta = AttentionMetadata.build(
-        is_prefill=True, slot_mapping=[blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)],
+        phase=Phase.PREFILL, slot_mapping=[blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)],
         block_tables=[blocks], context_lens=[0], query_lens=[n], block_size=BLOCK, device=CPU,
     )
     with torch.inference_mode():
+        meta = model.backend.prepare(meta)
         hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
         return model.compute_logits(hidden).float()
 
