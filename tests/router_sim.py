@@ -75,6 +75,7 @@ class RouterSim:
         self.next_request_id = 0
         self.next_batch_id = 0
         self.blocks: dict[int, object] = {}  # request id -> BlockAllocation
+        self.prompt_lens: dict[int, int] = {}  # request id -> prompt tokens (router's count)
 
     # ---------------------------------------------------------------- shard calls
     def _all(self, method: str, request):
@@ -99,7 +100,8 @@ class RouterSim:
         if max_total is not None:
             assert self.max_total == max_total, "the shard must echo max_total_tokens"
         assert self.max_input < self.max_total <= self.max_supported
-        assert self.max_input <= max_prefill
+        if not self.info.support_chunking:
+            assert self.max_input <= max_prefill
         if self.prefix_caching:
             self.allocator = RadixAllocator(self.max_supported, self.info.block_size)
         else:
@@ -129,6 +131,7 @@ class RouterSim:
         self.blocks[rid] = alloc
         cache_len = min(alloc.prefix_len, len(ids) - 1)  # whole prompt matched: run its last token
         self.cache_lens[rid] = cache_len
+        self.prompt_lens[rid] = len(ids)
         return pb.Request(
             id=rid, inputs=text, input_chunks=text_input(text), truncate=truncate,
             parameters=params(**sampling), add_special_tokens=add_special_tokens,
@@ -148,8 +151,11 @@ class RouterSim:
                         max_tokens=sum(len(r.slots) for r in requests),
                         max_blocks=max(len(r.blocks) for r in requests))
 
-    def prefill(self, batch: pb.Batch):
-        resps = self._all("Prefill", pb.PrefillRequest(batch=batch))
+    def prefill(self, batch: pb.Batch, cached: pb.CachedBatch | None = None):
+        message = pb.PrefillRequest(batch=batch)
+        if cached is not None:
+            message.cached_batch.CopyFrom(cached)
+        resps = self._all("Prefill", message)
         return [g for r in resps for g in r.generations], resps[-1].batch if resps[-1].HasField("batch") else None
 
     def decode(self, batches: list[pb.CachedBatch]):
@@ -205,6 +211,64 @@ class RouterSim:
                 break
         assert not live, f"requests never finished: {live}"
         return results
+
+    def run_chunked(self, plan: dict[int, list[pb.Request]], max_prefill: int,
+                    max_steps: int = 2000) -> tuple[dict[int, Result], list[tuple[str, set[int]]]]:
+        """Serve like backend.rs with ``support_chunking``: queued requests enter under a prefill
+        budget (``max_prefill`` minus the running batch's ``current_tokens``, rounded up to the
+        block size, as queue.rs) and the last one admitted is cut to fit (``chunk_len``); a new
+        batch goes to ``Prefill(batch, cached_batch=running)``, then every loop decodes.
+        ``plan[step]`` requests join the queue at loop ``step``. Returns the results and, per
+        RPC, which requests got a token."""
+        results: dict[int, Result] = {}
+        live: set[int] = set()
+        queue: list[pb.Request] = []
+        trace: list[tuple[str, set[int]]] = []
+        current: pb.CachedBatch | None = None
+
+        def record(name, gens):
+            trace.append((name, {g.request_id for g in gens}))
+
+        for step in range(max_steps):
+            for r in plan.get(step, []):
+                results[r.id] = Result()
+                live.add(r.id)
+                queue.append(r)
+            budget = max_prefill - (current.current_tokens if current is not None else 0)
+            new = self._cut(queue, budget) if budget > 0 else None
+            if new is not None:
+                gens, current = self.prefill(self.batch(new), current)
+                record("prefill", gens)
+                self._consume(gens, results, live)
+                current = self._maybe_filter(current, live)
+            if current is not None:
+                gens, current = self.decode([current])
+                record("decode", gens)
+                self._consume(gens, results, live)
+                current = self._maybe_filter(current, live)
+            elif not queue and not any(k > step for k in plan):
+                break
+        assert not live, f"requests never finished: {live}"
+        return results, trace
+
+    def _cut(self, queue: list[pb.Request], budget: int) -> list[pb.Request] | None:
+        bs = self.info.block_size
+        budget = -(-budget // bs) * bs
+        taken, tokens = [], 0
+        while queue:
+            r = queue[0]
+            postfix = self.prompt_lens[r.id] - r.cache_len
+            if tokens + postfix > budget:
+                chunk = budget - tokens
+                if chunk > 0:
+                    cut = pb.Request()
+                    cut.CopyFrom(queue.pop(0))
+                    cut.chunk_len = chunk
+                    taken.append(cut)
+                break
+            taken.append(queue.pop(0))
+            tokens += postfix
+        return taken or None
 
     def _consume(self, gens, results: dict[int, Result], live: set[int]) -> None:
         for g in gens:

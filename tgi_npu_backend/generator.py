@@ -70,7 +70,7 @@ class Generator:
         return Info(
             dtype=str(self.settings.dtype),
             device_type=self.platform.name,
-            support_chunking=False,
+            support_chunking=self.settings.chunking,
             use_prefix_caching=self.settings.prefix_caching,
             attention_impl=f"paged-{self.backend.name}",
             block_size=self.block_size,
@@ -101,13 +101,30 @@ class Generator:
         )
 
     # ------------------------------------------------------------------ RPCs
-    def prefill(self, batch_id: int, requests: list[RequestSpec]) -> StepOutput:
+    def prefill(
+        self, batch_id: int, requests: list[RequestSpec], cached_batch_id: int | None = None
+    ) -> StepOutput:
+        """A new batch's first pass; with ``cached_batch_id`` (chunked prefill), that cached
+        batch's next tokens run in the same pass and the two leave as one batch (its id)."""
         start = _now()
         if self.kv_cache is None:
             raise InvalidRequestError("Prefill before Warmup: the KV pool is sized by Warmup; call it first")
+        if cached_batch_id is not None and not self.settings.chunking:
+            raise InvalidRequestError(
+                "Prefill with a cached_batch needs chunked prefill, which this shard runs without "
+                "(PREFILL_CHUNKING=0); send the cached batch to Decode instead"
+            )
         batch = Batch.from_specs(batch_id, requests, self._context(warmup=False))
         self.cache.check_new(batch, self.kv_cache.num_slots, self.block_size)
-        return self._step(batch, start, concat_ns=None)
+        if cached_batch_id is None:
+            return self._step(batch, start, concat_ns=None)
+        cached = self.cache.get(cached_batch_id, "Prefill")
+        live = [r.id for r in cached.requests if not r.finished]
+        t = _now()
+        parts = [cached.filter(live), batch] if live else [batch]
+        batch = Batch.concatenate(parts)
+        concat_ns = _now() - t
+        return self._step(batch, start, concat_ns, replaces=[cached_batch_id])
 
     def decode(self, batch_ids: list[int]) -> StepOutput:
         start = _now()
@@ -197,7 +214,8 @@ class Generator:
         self, max_input: int | None, max_prefill: int, max_total: int | None, capacity: int
     ) -> tuple[int, int]:
         """Echo the router's limits when set; otherwise pick values the router accepts:
-        max_input < max_total <= capacity and, without chunking, max_input <= max_prefill."""
+        max_input < max_total <= capacity and, without chunking, max_input <= max_prefill (with
+        it a prompt may be longer than a prefill pass: max_input = max_total - 1, as TGI)."""
         if max_input is None:
             max_input = self.max_input_tokens
         if max_total is not None and max_total > capacity:
@@ -210,7 +228,7 @@ class Generator:
             max_total = limit if max_input is None else max(max_input + 1, limit)
             max_total = min(max_total, capacity)
         if max_input is None:
-            max_input = min(max_total - 1, max_prefill)
+            max_input = max_total - 1 if self.settings.chunking else min(max_total - 1, max_prefill)
         if not 0 < max_input < max_total:
             raise InvalidRequestError(
                 f"max_input_tokens={max_input} must be smaller than max_total_tokens={max_total} "

@@ -65,9 +65,10 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         )
 
     async def Prefill(self, request, context):
-        if request.HasField("cached_batch"):
-            raise ValueError("Prefill with cached_batch needs chunking, which this shard does not declare")
-        out = await self._run(self.generator.prefill, request.batch.id, wire.batch_requests(request.batch))
+        cached = request.cached_batch.id if request.HasField("cached_batch") else None
+        out = await self._run(
+            self.generator.prefill, request.batch.id, wire.batch_requests(request.batch), cached
+        )
         return wire.step_pb(out, pb.PrefillResponse)
 
     async def Decode(self, request, context):

@@ -19,6 +19,7 @@ from tgi_npu_backend.kernels import (
     check_block_size,
     get_backend,
 )
+from tgi_npu_backend.kernels.cpu import CpuBackend
 
 HEAD_DIM = 32
 HEADS = 4
@@ -92,10 +93,10 @@ class Paged:
     def slot(self, i, p):
         return self.tables[i][p // self.block_size] * self.block_size + p % self.block_size
 
-    def meta(self, seqs, spans, is_prefill):
+    def meta(self, seqs, spans, is_prefill, phase=None):
         """Metadata for sequences ``seqs`` computing positions ``[ctx, end)`` given in ``spans``."""
         return AttentionMetadata.build(
-            phase=Phase.PREFILL if is_prefill else Phase.DECODE,
+            phase=phase or (Phase.PREFILL if is_prefill else Phase.DECODE),
             slot_mapping=[self.slot(i, p) for i, (c, e) in zip(seqs, spans) for p in range(c, e)],
             block_tables=[self.tables[i] for i in seqs],
             context_lens=[c for c, _ in spans],
@@ -104,9 +105,9 @@ class Paged:
             device=torch.device("cpu"),
         )
 
-    def run(self, seqs, spans, slopes, is_prefill=True):
+    def run(self, seqs, spans, slopes, is_prefill=True, phase=None):
         """store_kv then prefill/decode; returns (output, oracle) both [T, H, D] float32."""
-        meta = self.backend.prepare(self.meta(seqs, spans, is_prefill))
+        meta = self.backend.prepare(self.meta(seqs, spans, is_prefill, phase))
 
         def cat(xs):
             return torch.cat([xs[i][c:e] for i, (c, e) in zip(seqs, spans)])
@@ -175,6 +176,26 @@ def test_decode_after_prefill(block_size, kv_heads, alibi, dtype):
             seqs, [(n + step, n + step + 1) for n in prompts], slopes, is_prefill=False
         )
         torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@pytest.mark.parametrize("backend", [ReferenceBackend, CpuBackend], ids=["reference", "cpu"])
+def test_mixed_pass_of_prompt_chunks_and_decode_tokens(block_size, kv_heads, alibi, backend):
+    """Chunked prefill: one pass holds a first chunk, a middle chunk over a cached prefix and
+    single decode tokens; every query attends to its own sequence's cache and chunk only."""
+    # (cached before the pass, tokens in the pass)
+    spans = [(0, 9), (block_size + 3, 1), (2 * block_size, block_size + 5), (7, 1)]
+    paged = Paged([c + q for c, q in spans], block_size, kv_heads, torch.float32, seed=4,
+                  backend=backend())
+    slopes = bloom_slopes(HEADS) if alibi else None
+    first = [i for i, (c, _) in enumerate(spans) if c > 0]
+    paged.run(first, [(0, spans[i][0]) for i in first], slopes)
+    out, expected = paged.run(
+        range(len(spans)), [(c, c + q) for c, q in spans], slopes, phase=Phase.MIXED
+    )
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("kv_heads", [2])

@@ -3,6 +3,8 @@ operators) against the reference backend: every kernel, zero reference fallbacks
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tgi_npu_backend.kernels import AttentionMetadata, Phase, ReferenceBackend
@@ -45,6 +47,8 @@ CASES = {  # (context lens, query lens, prefill?)
     "prefill": ([0, 0, 0], [1, 17, 40], True),
     "prefill over a prefix": ([0, 32, 16], [5, 9, 1], True),
     "decode": ([3, 40, 15], [1, 1, 1], False),
+    # chunked prefill: a first chunk, a chunk over a prefix, and decode tokens in one pass
+    "mixed": ([0, 32, 40, 15], [20, 9, 1, 1], True),
 }
 
 
@@ -59,6 +63,8 @@ def test_npu_kernels_match_reference(npu_emulated, case, heads, kv_heads, head_d
     ctx, qlen, prefill = CASES[case]
     block_size = NpuBackend().block_size_for(head_dim)
     meta, q, k, v, kc, vc = _scenario(ctx, qlen, block_size, heads, kv_heads, head_dim, dtype, prefill)
+    if case == "mixed":
+        meta = dataclasses.replace(meta, phase=Phase.MIXED)
     slopes = alibi_slopes(heads) if alibi else None
     npu = NpuBackend(observer=npu_emulated)
     kc2, vc2 = kc.clone(), vc.clone()
