@@ -22,9 +22,9 @@ STREAMS = 8
 
 # (model fixture, long prompt tokens, max_batch_prefill_tokens, prefix caching)
 CASES = [
-    pytest.param("bloom_dir", 3000, 512, False, id="bloom-3000-512"),
-    pytest.param("bloom_dir", 1200, 256, True, id="bloom-1200-256-prefix", marks=pytest.mark.slow),
-    pytest.param("gemma_mqa_dir", 1500, 256, False, id="gemma-1500-256", marks=pytest.mark.slow),
+    pytest.param(("bloom_dir", 3000, 512, False), id="bloom-3000-512"),
+    pytest.param(("bloom_dir", 1200, 256, True), id="bloom-1200-256-prefix", marks=pytest.mark.slow),
+    pytest.param(("gemma_mqa_dir", 1500, 256, False), id="gemma-1500-256", marks=pytest.mark.slow),
 ]
 
 
