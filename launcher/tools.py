@@ -5,8 +5,9 @@ and the answer comes back as OpenAI ``tool_calls``.
 ``tool_choice``: ``auto`` adds a ``no_tool`` function (choosing it re-runs the request without
 tools, so the model answers in text), ``required`` offers the tools alone, a function name offers
 that one, ``none`` offers none (a plain chat request). Difference from TGI, on purpose: the
-grammar requires ``function`` (TGI's schema leaves it optional, which lets ``{}`` through, an
-answer that cannot be parsed).
+grammar says ``"type": "object"`` and requires ``function`` (TGI's schema has neither: outlines'
+regex conversion reads ``properties`` as an object anyway, but JSON Schema itself, as llguidance
+reads it, would then allow any number or ``{}``, answers that are no call).
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def tool_schema(tools: list[Tool]) -> dict:
                 required.extend(f.arguments["required"])
             # NOTE: TGI's check: only the *string* "true" allows additional properties.
             entry["additionalProperties"] = f.arguments.get("additionalProperties") == "true"
+        entry["type"] = "object"
         entry["properties"] = properties
         entry["required"] = required
         functions[f.name] = entry
     return {
         "$functions": functions,
+        "type": "object",
         "properties": {
             "function": {"anyOf": [{"$ref": f"#/$functions/{t.function.name}"} for t in tools]}
         },

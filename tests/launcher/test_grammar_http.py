@@ -174,7 +174,10 @@ def test_tool_grammar_has_tgis_shape_and_compiles():
     weather = schema["$functions"]["get_weather"]
     assert weather["properties"]["_name"] == {"type": "string", "const": "get_weather"}
     assert weather["required"] == ["_name", "location"]
-    assert weather["additionalProperties"] is False
+    assert weather["additionalProperties"] is False and weather["type"] == "object"
+    # an object that must name its function (TGI's schema says neither; JSON Schema then
+    # allows a bare number or {}, which llguidance, unlike outlines' regexes, would follow)
+    assert schema["type"] == "object" and schema["required"] == ["function"]
     assert schema["properties"]["function"]["anyOf"] == [
         {"$ref": "#/$functions/get_weather"},
         {"$ref": "#/$functions/get_time"},
