@@ -99,3 +99,18 @@ def test_a_dead_end_allows_only_eos(tokenizer, eos):
     s = GrammarState.start(1, GrammarSpec("regex", "[a&&b]"), compiler_for(tokenizer, eos))  # empty language
     allowed = GrammarMasks([0], [s], "cpu").allowed(len(tokenizer))
     assert allowed[0].nonzero().flatten().tolist() == sorted(eos)
+
+
+def test_one_parallel_fill_for_many_rows(tokenizer):
+    """Dead end, broken and live states in one batch (the parallel fill path)."""
+    compiler = compiler_for(tokenizer, {EOS})
+    dead = GrammarState.start(1, GrammarSpec("regex", "[a&&b]"), compiler)
+    broken = state(tokenizer, 2)
+    broken.advance(tokenizer("x")["input_ids"][0])
+    live = state(tokenizer, 3)
+    advance(tokenizer, live, "cat")
+    allowed = GrammarMasks([0, 1, 2], [dead, broken, live], "cpu").allowed(len(tokenizer))
+    assert allowed[0].nonzero().flatten().tolist() == [EOS]
+    assert allowed[1].all()
+    single = GrammarMasks([0], [live], "cpu").allowed(len(tokenizer))[0]
+    assert torch.equal(allowed[2], single) and single[EOS]

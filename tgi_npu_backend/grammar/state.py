@@ -56,20 +56,23 @@ class GrammarState:
 
     def fill(self, row: Tensor) -> None:
         """Write the allowed-token bits (bit ``t % 32`` of int32 word ``t // 32``) into ``row``,
-        a contiguous host int32 tensor of ``words`` words; all ones once broken.
-
-        A grammar that can be neither continued nor ended (an unsatisfiable schema, such as
-        ``minimum`` above ``maximum``) allows nothing; the request then gets its EOS tokens, so
-        it ends instead of choosing from an all ``-inf`` row."""
+        a contiguous host int32 tensor of ``words`` words (``GrammarMasks`` fills many rows in
+        one parallel call instead); all ones once broken."""
         if self.broken:
             row.fill_(-1)
             return
         self.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         if not bool(row.any()):
-            logger.warning(f"request {self.request_id}: its grammar allows no token here; ending it")
-            for t in self.eos_token_ids:
-                bit = 1 << (t % 32)
-                row[t // 32] |= bit - 2**32 if bit >= 2**31 else bit  # int32 two's complement
+            self.dead_end(row)
+
+    def dead_end(self, row: Tensor) -> None:
+        """A grammar that can be neither continued nor ended (an unsatisfiable schema, such as
+        ``minimum`` above ``maximum``) allows nothing; the request then gets its EOS tokens, so
+        it ends instead of choosing from an all ``-inf`` row."""
+        logger.warning(f"request {self.request_id}: its grammar allows no token here; ending it")
+        for t in self.eos_token_ids:
+            bit = 1 << (t % 32)
+            row[t // 32] |= bit - 2**32 if bit >= 2**31 else bit  # int32 two's complement
 
     def advance(self, token: int) -> None:
         """Consume the chosen token."""
