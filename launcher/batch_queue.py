@@ -35,6 +35,8 @@ class Entry:
     allocation: BlockAllocation | None = None
     # Set by the HTTP side when its client went away; the batching task drops the entry.
     cancelled: bool = False
+    # Prompt tokens of the first pass when the prefill budget cut the prompt (chunked prefill)
+    chunk_len: int | None = None
 
     def send(self, event: object) -> None:
         self.stream.put_nowait(event)
@@ -57,8 +59,12 @@ class Queue:
         block_size: int,
         speculate: int,
         metrics: Metrics,
+        support_chunking: bool = False,
     ) -> None:
         self.allocator = allocator  # None = padded model (requires_padding)
+        # The shard takes prompts in chunks: the last request that does not fit the prefill
+        # budget is cut to fit (queue.rs), and prompts longer than a prefill pass are admitted.
+        self.support_chunking = support_chunking and allocator is not None
         self.block_size = max(block_size, 1)
         self.speculate = speculate
         self.metrics = metrics
@@ -158,9 +164,20 @@ class Queue:
                     # token to get the next-token logits.
                     allocation = replace(allocation, prefix_len=req.input_length - 1)
                 postfix_len = req.input_length - allocation.prefix_len
+                entry.chunk_len = None
                 if prefill_tokens + postfix_len > prefill_token_budget:
-                    self.allocator.free(allocation, cache=False)
-                    self.entries.appendleft(entry)
+                    chunk_len = prefill_token_budget - prefill_tokens
+                    if not self.support_chunking or chunk_len <= 0:
+                        self.allocator.free(allocation, cache=False)
+                        self.entries.appendleft(entry)
+                        break
+                    # queue.rs: exactly fill the budget with the prompt's first chunk; the shard
+                    # cuts the following chunks itself
+                    entry.chunk_len = chunk_len
+                    entry.allocation = allocation
+                    max_blocks = max(max_blocks, len(allocation.blocks))
+                    prefill_tokens += chunk_len
+                    batch.append(entry)
                     break
                 max_blocks = max(max_blocks, len(allocation.blocks))
                 prefill_tokens += postfix_len
@@ -182,7 +199,9 @@ class Queue:
         for entry in list(batch):
             entry.batch_time = now
             try:
-                requests.append(request_to_pb(entry.id, entry.request, entry.allocation))
+                requests.append(
+                    request_to_pb(entry.id, entry.request, entry.allocation, entry.chunk_len)
+                )
             except Exception as err:  # a value validation let through: fail this request only
                 log.exception(f"request {entry.id} cannot be sent to the shard")
                 batch.remove(entry)

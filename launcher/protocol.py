@@ -23,9 +23,13 @@ GRAMMAR_TYPES = {"json": pb.GRAMMAR_TYPE_JSON, "regex": pb.GRAMMAR_TYPE_REGEX}
 
 
 def request_to_pb(
-    request_id: int, req: ValidRequest, allocation: BlockAllocation | None
+    request_id: int,
+    req: ValidRequest,
+    allocation: BlockAllocation | None,
+    chunk_len: int | None = None,
 ) -> pb.Request:
-    """The ``Request`` the v3 router builds in ``queue.rs`` (text-only: one text chunk)."""
+    """The ``Request`` the v3 router builds in ``queue.rs`` (text-only: one text chunk);
+    ``chunk_len``: the prompt tokens of its first pass, when the prefill budget cut it."""
     p = req.parameters
     message = pb.Request(
         id=request_id,
@@ -57,6 +61,8 @@ def request_to_pb(
         slots=list(allocation.slots) if allocation else [],
         cache_len=allocation.prefix_len if allocation else 0,
     )
+    if chunk_len is not None:
+        message.chunk_len = chunk_len
     if req.adapter_id is not None:
         message.adapter_id = req.adapter_id
     return message

@@ -59,8 +59,9 @@ class RouterSettings:
     keep_alive_s: float = KEEP_ALIVE_S  # SSE keep-alive comment interval (axum's default)
 
 
-def info_json(s: RouterSettings, limits: Limits) -> dict:
-    """TGI's ``/info`` body (no dtype/device fields, as in TGI 3.x)."""
+def info_json(s: RouterSettings, limits: Limits, prefill_chunking: bool = False) -> dict:
+    """TGI's ``/info`` body (no dtype/device fields, as in TGI 3.x), plus whether prompts enter
+    in chunks (the shard's support_chunking)."""
     return {
         "model_id": s.model_id,
         "model_sha": None,
@@ -76,6 +77,7 @@ def info_json(s: RouterSettings, limits: Limits) -> dict:
         "version": VERSION,
         "sha": None,
         "docker_label": None,
+        "prefill_chunking": prefill_chunking,
     }
 
 
@@ -108,7 +110,7 @@ class Router:
         tracer = router_tracer(settings.otlp_endpoint, settings.otlp_service_name, tracer_provider)
         client = TracedClient(client, tracer)
         if info.support_chunking:
-            log.warning("the shard supports chunked prefill; this router sends whole prompts")
+            log.info("chunked prefill: prompts enter in chunks under --max-batch-prefill-tokens")
         allocator = None
         if not info.requires_padding:
             window = info.window_size if info.HasField("window_size") else None
@@ -125,6 +127,7 @@ class Router:
             block_size=info.block_size,
             speculate=info.speculate,
             metrics=metrics,
+            support_chunking=info.support_chunking,
         )
         scheduler = Scheduler(
             client,
@@ -135,6 +138,7 @@ class Router:
                 waiting_served_ratio=settings.waiting_served_ratio,
                 max_waiting_tokens=settings.max_waiting_tokens,
                 max_batch_size=settings.max_batch_size,
+                support_chunking=info.support_chunking and not info.requires_padding,
             ),
             metrics,
         )
@@ -173,7 +177,7 @@ class Router:
             infer=infer,
             tokenizer=tokenizer,
             metrics=metrics,
-            info=info_json(settings, limits),
+            info=info_json(settings, limits, info.support_chunking),
             compute_type=info.device_type or "cpu",
             keep_alive_s=settings.keep_alive_s,
         )

@@ -52,6 +52,9 @@ class SchedulerConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     max_batch_size: int | None = None
+    # The shard reported support_chunking: a new batch joins the running one in its Prefill
+    # (Prefill(batch, cached_batch)), under the prefill budget left by the running batch
+    support_chunking: bool = False
 
 
 class Scheduler:
@@ -136,17 +139,31 @@ class Scheduler:
                 self.metrics.set("tgi_batch_current_size", cached.size)
                 self.metrics.set("tgi_batch_current_max_tokens", cached.max_tokens)
                 token_budget = max(cfg.max_batch_total_tokens - cached.max_tokens, 0)
-                if waiting_tokens >= cfg.max_waiting_tokens:
-                    min_size = None  # waited long enough: admit even a small batch
-                else:
-                    min_size = int(cached.size * cfg.waiting_served_ratio)
                 max_size = None
                 if cfg.max_batch_size is not None:
                     max_size = max(cfg.max_batch_size - cached.size, 0)
-                new = self.queue.next_batch(
-                    min_size, max_size, cfg.max_batch_prefill_tokens, token_budget
-                )
-                if new is not None:
+                if cfg.support_chunking:
+                    # backend.rs: the next batch is concatenated with the running one, whose
+                    # next pass already takes current_tokens of the prefill budget; no minimum
+                    # size (a prefill no longer stalls the running requests)
+                    min_size = None
+                    prefill_budget = max(cfg.max_batch_prefill_tokens - cached.current_tokens, 0)
+                else:
+                    if waiting_tokens >= cfg.max_waiting_tokens:
+                        min_size = None  # waited long enough: admit even a small batch
+                    else:
+                        min_size = int(cached.size * cfg.waiting_served_ratio)
+                    prefill_budget = cfg.max_batch_prefill_tokens
+                new = self.queue.next_batch(min_size, max_size, prefill_budget, token_budget)
+                if new is not None and cfg.support_chunking:
+                    self.metrics.inc("tgi_batch_concat", reason="chunking")
+                    entries.update(new.entries)  # one batch from here on, also if it fails
+                    batches = []
+                    cached = await self._prefill(new.batch, entries, cached)
+                    if cached is not None:
+                        batches.append(cached)
+                    waiting_tokens = 1
+                elif new is not None:
                     reason = "backpressure" if min_size is not None else "wait_exceeded"
                     self.metrics.inc("tgi_batch_concat", reason=reason)
                     self._live = [entries, new.entries]
@@ -156,16 +173,24 @@ class Scheduler:
                         batches.append(new_cached)
                     self._live = [entries]
                     waiting_tokens = 1
+                if not batches:
+                    break
                 cached = await self._decode(batches, entries)
                 waiting_tokens += 1
             self._live = []
             self.metrics.set("tgi_batch_current_size", 0)
             self.metrics.set("tgi_batch_current_max_tokens", 0)
 
-    async def _prefill(self, batch: pb.Batch, entries: dict[int, Entry]) -> pb.CachedBatch | None:
-        return await self._step(
-            "prefill", [batch.id], entries, lambda: self.client.prefill(batch, None)
-        )
+    async def _prefill(
+        self,
+        batch: pb.Batch,
+        entries: dict[int, Entry],
+        cached: pb.CachedBatch | None = None,
+    ) -> pb.CachedBatch | None:
+        """Prefill ``batch``; with ``cached`` (chunking) the running batch's next tokens run in
+        the same pass and the two come back as one batch."""
+        ids = [batch.id] + ([cached.id] if cached is not None else [])
+        return await self._step("prefill", ids, entries, lambda: self.client.prefill(batch, cached))
 
     async def _decode(
         self, batches: list[pb.CachedBatch], entries: dict[int, Entry]

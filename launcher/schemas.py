@@ -207,6 +207,8 @@ class Info(Schema):
     version: str
     sha: str | None
     docker_label: str | None
+    # ours: prompts enter in chunks under max_batch_prefill_tokens (the shard's support_chunking)
+    prefill_chunking: bool = False
 
 
 def details_json(
