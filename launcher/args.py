@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--max-total-tokens", int)
     opt("--waiting-served-ratio", float, 0.3)
     opt("--max-batch-prefill-tokens", int)
-    opt("--max-batch-total-tokens", int)
+    opt(
+        "--max-batch-total-tokens", int,
+        help_="size the shards' KV pool for this many tokens (passed as TGI_NPU_KV_CACHE_TOKENS); "
+        "default: the shard's sizing (see its --kv-cache-fraction)",
+    )
     opt("--max-waiting-tokens", int, 20)
     opt("--max-batch-size", int)
     opt("--cuda-graphs", help_="only 0 (off) is accepted: the shards capture no graphs on CPU/NPU")
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt(
         "--cuda-memory-fraction", float, 1.0,
         "below 1: the share of memory left after the model and warmup that the KV pool takes "
-        "(passed as CUDA_MEMORY_FRACTION); 1 keeps the shard's default share",
+        "(passed as CUDA_MEMORY_FRACTION); 1 keeps the shard's default sizing",
     )
     flag("--json-output")
     opt("--otlp-endpoint", help_="passed to the shards; the router exports no traces")

@@ -60,6 +60,8 @@ def shard_env(
         CUDA_MEMORY_FRACTION=str(args.cuda_memory_fraction),
         SAFETENSORS_FAST_GPU="1",
     )
+    if args.max_batch_total_tokens is not None:
+        env["TGI_NPU_KV_CACHE_TOKENS"] = str(args.max_batch_total_tokens)
     if args.max_total_tokens is not None:
         env["MAX_TOTAL_TOKENS"] = str(args.max_total_tokens)
     if args.max_batch_size is not None:

@@ -138,8 +138,12 @@ def resolve_limits(
         )
     if supported is not None:
         if max_batch_total_tokens is not None:
-            log.warning("`--max-batch-total-tokens` is deprecated for Flash Attention models.")
-            log.warning(f"Inferred max batch total tokens: {supported}")
+            # NOTE: TGI ignores it here with a warning; tgi-npu-launcher passed it to the shards as
+            # TGI_NPU_KV_CACHE_TOKENS, which sized their KV pool (rounded up to whole blocks).
+            log.info(
+                f"`--max-batch-total-tokens` {max_batch_total_tokens} sized the KV pool: it holds "
+                f"{supported} tokens"
+            )
         if shard_total > supported:
             raise LauncherError(
                 f"Not enough memory to handle max_total_tokens={shard_total}: the KV cache holds "

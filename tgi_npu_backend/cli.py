@@ -17,8 +17,13 @@ from .config import ServerConfig, normalize_log_level
 KV_FRACTION_HELP = (
     "Share of memory given to the paged KV pool, measured after the model is loaded and the "
     "warmup batch has run: on CPU a share of MemAvailable (/proc/meminfo), on NPU of free device "
-    "memory (default 0.2 on CPU, 0.9 on NPU). Env: TGI_NPU_KV_CACHE_FRACTION; TGI's "
+    "memory. Default: on NPU 0.9; on CPU what the limits need (MAX_BATCH_SIZE, default 8, "
+    "requests of max_total_tokens), at most 0.2. Env: TGI_NPU_KV_CACHE_FRACTION; TGI's "
     "CUDA_MEMORY_FRACTION (--cuda-memory-fraction) below 1 counts as this."
+)
+KV_TOKENS_HELP = (
+    "Size the KV pool for exactly this many tokens instead (wins over --kv-cache-fraction). "
+    "Env: TGI_NPU_KV_CACHE_TOKENS (tgi-npu-launcher sets it from --max-batch-total-tokens)."
 )
 
 
@@ -86,6 +91,7 @@ def main() -> None:
 )
 @click.option("--block-size", type=int, default=None, help="KV block size (multiple of 16, <= 128). Env: TGI_NPU_BLOCK_SIZE.")
 @click.option("--kv-cache-fraction", type=float, default=None, help=KV_FRACTION_HELP)
+@click.option("--kv-cache-tokens", type=int, default=None, help=KV_TOKENS_HELP)
 @click.option("--dist-timeout", type=float, default=None, help=DIST_TIMEOUT_HELP)
 def serve(model_id: str, **flags) -> None:
     """Serve MODEL_ID (local directory or hub id) over TGI's v3 gRPC interface."""

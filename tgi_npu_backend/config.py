@@ -110,6 +110,8 @@ class ServerConfig:
     emulation: str | None = None
     block_size: int | None = None  # None: the attention backend's recommendation
     kv_cache_fraction: float | None = None  # None: per-device default (see --help)
+    kv_cache_tokens: int | None = None  # room for this many tokens (wins over the fraction)
+    max_batch_size: int | None = None  # MAX_BATCH_SIZE from the launcher: sizes the CPU KV pool
 
     @property
     def socket_path(self) -> str:
@@ -141,6 +143,7 @@ class ServerConfig:
         device: str = "auto",
         block_size: int | None = None,
         kv_cache_fraction: float | None = None,
+        kv_cache_tokens: int | None = None,
         dist_timeout: float | None = None,
     ) -> ServerConfig:
         """Validate flags + environment; refuse what this shard cannot honour, naming the flag."""
@@ -190,6 +193,13 @@ class ServerConfig:
                     f"--kv-cache-fraction={kv_cache_fraction} disagree; set only one"
                 )
             kv_cache_fraction = memory_fraction
+        if kv_cache_tokens is None:
+            kv_cache_tokens = _env_int(env, "TGI_NPU_KV_CACHE_TOKENS")
+        if kv_cache_tokens is not None and kv_cache_tokens < 1:
+            raise _flag_error("--kv-cache-tokens", kv_cache_tokens, "must be at least 1")
+        max_batch_size = _env_int(env, "MAX_BATCH_SIZE")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"MAX_BATCH_SIZE={max_batch_size} (--max-batch-size): must be at least 1")
 
         if dist_timeout is None:
             dist_timeout = _env_float(env, "TGI_NPU_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)
@@ -224,4 +234,6 @@ class ServerConfig:
             emulation=env.get("TGI_NPU_EMULATION"),
             block_size=block_size,
             kv_cache_fraction=kv_cache_fraction,
+            kv_cache_tokens=kv_cache_tokens,
+            max_batch_size=max_batch_size,
         )

@@ -1,5 +1,5 @@
-"""Which platform the shard runs on: where tensors live, its default dtype, how much memory it can
-give the KV pool, and the platform's startup checks.
+"""Which platform the shard runs on: where tensors live, its default dtype, how much memory is
+still available (``kv_sizing`` turns that into the KV pool), and the platform's startup checks.
 
 ``npu-emulated`` is a verification mode: the NPU platform (NpuBackend, the NPU dtype and
 block-size policy, NPU memory sizing from ``torch.npu.mem_get_info``, set_device, the SoC and
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from loguru import logger
-
-from .config import DEFAULT_CPU_KV_FRACTION, DEFAULT_NPU_KV_FRACTION
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,12 +73,6 @@ class Platform:
         except OSError:
             pass
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-    def kv_cache_budget(self, fraction: float | None) -> int:
-        """Bytes for the KV pool: ``fraction`` of what is available after the model and warmup."""
-        if fraction is None:
-            fraction = DEFAULT_CPU_KV_FRACTION if self.kind == "cpu" else DEFAULT_NPU_KV_FRACTION
-        return int(self.available_memory() * fraction)
 
     def synchronize(self) -> None:
         if self.kind == "npu":

@@ -28,6 +28,7 @@ from .batch_cache import BatchCache
 from .distributed import ParallelContext
 from .errors import InvalidRequestError, is_device_oom
 from .kv_cache import KVCache, KVCacheSpec
+from .kv_sizing import size_kv_pool
 from .model_runner import ModelRunner
 from .outputs import CachedBatch, Generation, Info, StepOutput, Tokens
 from .request import Request, RequestSpec
@@ -187,12 +188,15 @@ class Generator:
         del temp, batch
         self.platform.empty_cache()
 
+        reason = "kept from the first Warmup"
         if self.kv_cache is not None:
             # NOTE: a repeated Warmup (a router restart) keeps the pool: it was sized with the
             # model loaded and nothing has changed since; re-sizing would drop cached batches.
             num_blocks = self.kv_cache.num_blocks
         else:
-            num_blocks = self.settings.kv_spec.blocks_for(self.platform.kv_cache_budget(self.settings.kv_cache_fraction))
+            pool = size_kv_pool(self.settings, max_prefill=max_prefill, max_total=max_total,
+                                model_max_length=self.text.model_max_length)
+            num_blocks, reason = pool.num_blocks, pool.reason
             # NOTE: free memory differs between ranks; all must report (and allocate) one
             # capacity, and every other choice below is derived from it and from identical flags.
             num_blocks = self.parallel.all_reduce_min(num_blocks, self.device)
@@ -206,7 +210,7 @@ class Generator:
         logger.info(
             f"KV pool: {num_blocks} blocks x {self.block_size} tokens = {capacity} tokens "
             f"({num_blocks * self.settings.kv_spec.bytes_per_block / 2**20:.1f} MiB); "
-            f"max_input_tokens={max_input} max_total_tokens={max_total}"
+            f"max_input_tokens={max_input} max_total_tokens={max_total}; {reason}"
         )
         return capacity, max_input, max_total
 

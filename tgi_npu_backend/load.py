@@ -139,6 +139,8 @@ def build_generator(config: ServerConfig) -> Generator:
         dtype=dtype,
         kv_spec=kv_spec,
         kv_cache_fraction=config.kv_cache_fraction,
+        kv_cache_tokens=config.kv_cache_tokens,
+        max_batch_size=config.max_batch_size,
         max_input_tokens=config.max_input_tokens,
         prefix_caching=config.prefix_caching,
         chunking=config.prefill_chunking,

@@ -31,6 +31,8 @@ class ShardSettings:
     dtype: torch.dtype
     kv_spec: KVCacheSpec
     kv_cache_fraction: float | None = None  # None: the platform's default share
+    kv_cache_tokens: int | None = None  # room for this many tokens (wins over the fraction)
+    max_batch_size: int | None = None  # the router's --max-batch-size: sizes the CPU KV pool
     # --max-input-tokens (the shard's own limit until Warmup settles the router's)
     max_input_tokens: int | None = None
     # Info.use_prefix_caching: the router then sends cache_len > 0 for prompts whose

@@ -115,7 +115,7 @@ def test_shard_command_lines_and_env(monkeypatch):
     assert env["ATTENTION"] == "paged" and env["PREFIX_CACHING"] == "0"
     assert env["MAX_TOTAL_TOKENS"] == "20" and env["MAX_BATCH_SIZE"] == "3"
     assert "CUDA_GRAPHS" not in env and env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
-    assert env["CUDA_MEMORY_FRACTION"] == "1.0"
+    assert env["CUDA_MEMORY_FRACTION"] == "1.0" and "TGI_NPU_KV_CACHE_TOKENS" not in env
     assert "LOG_LEVEL" not in env
 
 
@@ -193,8 +193,9 @@ def test_launcher_flags_that_meant_cuda_are_honoured_or_refused(monkeypatch):
     monkeypatch.delenv("CUDA_GRAPHS")
     with pytest.raises(RefusedFlag, match="--cuda-memory-fraction 0.0"):
         parse_args(["--cuda-memory-fraction", "0"])
-    a = parse_args(["--cuda-memory-fraction", "0.4"])
-    assert shard_env(a, 0, 1, "paged", "0")["CUDA_MEMORY_FRACTION"] == "0.4"
+    a = parse_args(["--cuda-memory-fraction", "0.4", "--max-batch-total-tokens", "8192"])
+    env = shard_env(a, 0, 1, "paged", "0")
+    assert env["CUDA_MEMORY_FRACTION"] == "0.4" and env["TGI_NPU_KV_CACHE_TOKENS"] == "8192"
     with pytest.raises(RefusedFlag, match="validation_workers"):
         parse_args(["--validation-workers", "-1"])
 

@@ -82,10 +82,12 @@ def test_kv_pool_is_sized_from_npu_free_memory(bloom_dir, uninstall_after):
     free = 64 << 20
     gen = build_generator(_config(bloom_dir, emulation=f"mem_free={free},mem_total={4 * free}",
                                   kv_cache_fraction=0.5))
+    from tgi_npu_backend.kv_sizing import size_kv_pool
+
     spec = gen.settings.kv_spec
     expected = (free // 2) // spec.bytes_per_block
-    assert gen.platform.kv_cache_budget(0.5) == free // 2
-    assert spec.blocks_for(gen.platform.kv_cache_budget(0.5)) == expected
+    pool = size_kv_pool(gen.settings, max_prefill=64, max_total=None, model_max_length=None)
+    assert pool.num_blocks == expected and "0.5 of the" in pool.reason
 
 
 def test_310p_is_refused_naming_what_is_missing(bloom_dir, uninstall_after):

@@ -20,6 +20,8 @@ from tgi_npu_backend.launcher_env import LAUNCHER_DEFAULT_CUDA_GRAPHS, notes
         ({"CUDA_GRAPHS": "1,2"}, "CUDA_GRAPHS=1,2"),
         ({"CUDA_MEMORY_FRACTION": "1.5"}, "CUDA_MEMORY_FRACTION=1.5"),
         ({"CUDA_MEMORY_FRACTION": "most"}, "CUDA_MEMORY_FRACTION='most'"),
+        ({"TGI_NPU_KV_CACHE_TOKENS": "0"}, "--kv-cache-tokens"),
+        ({"MAX_BATCH_SIZE": "0"}, "MAX_BATCH_SIZE=0"),
     ],
 )
 def test_unsupported_launcher_variables_are_refused_by_name(env, needle):
@@ -47,6 +49,12 @@ def test_cuda_memory_fraction_becomes_the_kv_share():
     with pytest.raises(ValueError, match="disagree; set only one"):
         ServerConfig.from_cli(model_id="m", env={"CUDA_MEMORY_FRACTION": "0.3",
                                                  "TGI_NPU_KV_CACHE_FRACTION": "0.1"})
+
+
+def test_kv_tokens_and_batch_size_from_the_environment():
+    cfg = ServerConfig.from_cli(model_id="m", env={"TGI_NPU_KV_CACHE_TOKENS": "4096", "MAX_BATCH_SIZE": "3"})
+    assert (cfg.kv_cache_tokens, cfg.max_batch_size) == (4096, 3)
+    assert ServerConfig.from_cli(model_id="m", env={}, kv_cache_tokens=64).kv_cache_tokens == 64
 
 
 def test_download_weights_refuses_them_too(tmp_path):
