@@ -1,8 +1,9 @@
-"""Tiny random-weight BLOOM and Gemma checkpoints with a locally trained byte-level BPE tokenizer.
+"""Tiny BLOOM and Gemma checkpoints with a locally trained byte-level BPE tokenizer.
 
-Used by the tests (the model hub is unreachable here) and by ``tgi-npu-demo-checkpoint`` so the
-README's run command works on a fresh machine. The weights are random: the text they produce is
-meaningless, but it is deterministic, and HF transformers produces the same tokens (the oracle).
+``write_checkpoint`` writes random weights: the tests use it (the model hub is unreachable here);
+the text they produce is meaningless, but deterministic, and HF transformers produces the same
+tokens (the oracle). ``tgi-npu-demo-checkpoint`` (``main``) writes the toy model of
+``demo_training`` by default, trained so that the README's run command shows readable output.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ BLOOM_CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(vocab_size: int, specials: list[str], add_bos: str | None):
-    """A byte-level BPE tokenizer (GPT-2/BLOOM style) trained on ``CORPUS``."""
+def train_tokenizer(
+    vocab_size: int, specials: list[str], add_bos: str | None, corpus: list[str] | None = None
+):
+    """A byte-level BPE tokenizer (GPT-2/BLOOM style) trained on ``corpus`` (default ``CORPUS``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -54,7 +57,7 @@ def train_tokenizer(vocab_size: int, specials: list[str], add_bos: str | None):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer=trainer)
     if add_bos is not None:
         bos_id = tok.token_to_id(add_bos)
         tok.post_processor = processors.TemplateProcessing(
@@ -114,6 +117,60 @@ def gemma_config(vocab_size: int, **overrides) -> dict:
     return cfg
 
 
+def write_model_files(path: Path, arch: str, cfg: dict, corpus: list[str] | None = None):
+    """Tokenizer (trained on ``corpus``, default ``CORPUS``), config.json and
+    generation_config.json; returns the tokenizer (``PreTrainedTokenizerFast``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if arch == "bloom":
+        specials, bos, template = BLOOM_SPECIALS, None, BLOOM_CHAT_TEMPLATE
+        tok_kwargs = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    elif arch == "gemma":
+        specials, bos, template = GEMMA_SPECIALS, "<bos>", GEMMA_CHAT_TEMPLATE
+        tok_kwargs = dict(unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    else:
+        raise ValueError(f"unknown demo architecture {arch!r}: use 'bloom' or 'gemma'")
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(cfg["vocab_size"], specials, bos, corpus)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **tok_kwargs)
+    fast.model_max_length = 2048
+    fast.save_pretrained(path)
+
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
+    if arch == "gemma":
+        # Instruction-tuned Gemma stops on <end_of_turn> too.
+        gen["eos_token_id"] = [cfg["eos_token_id"], tok.token_to_id("<end_of_turn>")]
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return fast
+
+
+def save_weights(
+    path: Path,
+    arch: str,
+    state: dict,
+    *,
+    dtype: str = "float32",
+    strip_prefix: bool = False,
+    with_lm_head: bool = False,
+) -> None:
+    """``model.safetensors`` from an HF model's state dict, tied weights stored once."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
+    # Tied weights: save the embedding once, as the published checkpoints do.
+    state.pop("lm_head.weight", None)
+    if arch == "bloom" and strip_prefix:
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    if with_lm_head:
+        emb = "model.embed_tokens.weight" if arch == "gemma" else (
+            "word_embeddings.weight" if strip_prefix else "transformer.word_embeddings.weight"
+        )
+        state["lm_head.weight"] = state[emb].clone()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
 def write_checkpoint(
     path: str | Path,
     arch: str = "bloom",
@@ -131,48 +188,24 @@ def write_checkpoint(
     naming); ``with_lm_head`` adds an explicit (tied) ``lm_head.weight``.
     """
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     if arch == "bloom":
-        specials, bos, template = BLOOM_SPECIALS, None, BLOOM_CHAT_TEMPLATE
         cfg = bloom_config(vocab_size, **config_overrides)
-        tok_kwargs = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     elif arch == "gemma":
-        specials, bos, template = GEMMA_SPECIALS, "<bos>", GEMMA_CHAT_TEMPLATE
         cfg = gemma_config(vocab_size, **config_overrides)
-        tok_kwargs = dict(unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     else:
         raise ValueError(f"unknown demo architecture {arch!r}: use 'bloom' or 'gemma'")
-
-    tok = train_tokenizer(vocab_size, specials, bos)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **tok_kwargs)
-    fast.model_max_length = 2048
-    fast.save_pretrained(path)
-
-    (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}
-    if arch == "gemma":
-        # Instruction-tuned Gemma stops on <end_of_turn> too.
-        gen["eos_token_id"] = [cfg["eos_token_id"], tok.token_to_id("<end_of_turn>")]
-    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_model_files(path, arch, cfg)
 
     torch.manual_seed(seed)
     hf_config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
-    state = {k: v.detach().to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
-    # Tied weights: save the embedding once, as the published checkpoints do.
-    state.pop("lm_head.weight", None)
-    if arch == "bloom" and strip_prefix:
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    if with_lm_head:
-        emb = "model.embed_tokens.weight" if arch == "gemma" else (
-            "word_embeddings.weight" if strip_prefix else "transformer.word_embeddings.weight"
-        )
-        state["lm_head.weight"] = state[emb].clone()
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    save_weights(
+        path, arch, model.state_dict(), dtype=dtype, strip_prefix=strip_prefix,
+        with_lm_head=with_lm_head,
+    )
     (path / "README.md").write_text(
         f"# Demo {arch} checkpoint\n\nRANDOM WEIGHTS, written by tgi_npu_backend.demo for tests "
         "and demos. Its output is meaningless text.\n"
@@ -181,15 +214,45 @@ def write_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .demo_training import CACHE_ENV, Recipe, cache_root, read_stamp, with_overrides, write_trained_checkpoint
+
     parser = argparse.ArgumentParser(
-        description="Write a tiny RANDOM-WEIGHT BLOOM or Gemma checkpoint (for demos and tests)."
+        prog="tgi-npu-demo-checkpoint",
+        description="Write a tiny TOY checkpoint to serve without the model hub: by default a small "
+        "BLOOM (or Gemma) trained for a fixed number of steps (about a minute or two on two CPU "
+        "cores) on this package's own Python source, so it continues code such as `def main():` "
+        "with code-like text. Training is seeded; the result is cached in "
+        f"{cache_root()} (env {CACHE_ENV}) and copied from there next time.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("path", help="output directory")
     parser.add_argument("--arch", choices=["bloom", "gemma"], default="bloom")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=Recipe.steps, help="training steps")
+    parser.add_argument(
+        "--random", action="store_true",
+        help="write random weights instead (meaningless output; what the tests use)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="train even if a cached copy exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    out = write_checkpoint(args.path, args.arch, seed=args.seed)
-    print(f"wrote random-weight {args.arch} checkpoint to {out}")
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be at least 1")
+    if args.random:
+        out = write_checkpoint(args.path, args.arch, seed=args.seed)
+        print(f"wrote a random-weight {args.arch} checkpoint (meaningless output) to {out}")
+        return
+    recipe = with_overrides(Recipe(), arch=args.arch, seed=args.seed, steps=args.steps)
+    out, trained = write_trained_checkpoint(
+        args.path, recipe, use_cache=not args.no_cache, progress=not args.quiet
+    )
+    stamp = read_stamp(out) or {}
+    how = "trained" if trained else "copied from the cache"
+    print(
+        f"wrote a TOY {args.arch} checkpoint ({stamp.get('parameters', 0) / 1e6:.1f}M parameters, "
+        f"{how}; training loss {stamp.get('first_loss', float('nan')):.2f} -> "
+        f"{stamp.get('last_loss', float('nan')):.2f}) to {out}"
+    )
 
 
 if __name__ == "__main__":
