@@ -3,13 +3,38 @@
 The model hub is unreachable here, so every model test builds its own checkpoint with
 ``tgi_npu_backend.demo.write_checkpoint`` (random weights from transformers configs, a byte-level
 BPE tokenizer trained locally). HF transformers on the same files is the oracle.
+
+Each session gets a private temporary directory (``TMPDIR``, inherited by every process a test
+starts), removed when the session ends: sockets of shards a test killed, launcher logs and
+pytest's own ``tmp_path`` directories included. ``TGI_NPU_KEEP_TMP=1`` keeps it for a post-mortem.
+Keep paths short (Unix socket paths are at most 107 bytes): ``tempfile.gettempdir()`` is.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
+
+_SESSION_TMP: list[str] = []
+
+
+def pytest_configure(config):
+    base = tempfile.mkdtemp(prefix="tgi-tests-")
+    _SESSION_TMP.append(base)
+    os.environ["TMPDIR"] = base
+    tempfile.tempdir = base
+
+
+def pytest_unconfigure(config):
+    tempfile.tempdir = None
+    for base in _SESSION_TMP:
+        if os.environ.get("TGI_NPU_KEEP_TMP") == "1":
+            print(f"\nkept the test session's temporary directory {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 # The stock launcher always sets these; the shard must treat them as hints.
 os.environ.setdefault("ATTENTION", "paged")

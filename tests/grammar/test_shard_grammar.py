@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import uuid
 
 import grpc
@@ -27,7 +28,7 @@ SAMPLED = dict(do_sample=True, temperature=0.9, top_k=50, top_p=0.95, repetition
 
 @pytest.fixture(scope="module")
 def shard(bloom_dir):
-    uds = f"/tmp/tgi-grammar-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-grammar-{uuid.uuid4().hex[:8]}"
     proc = start_shard(bloom_dir, uds, env={"PREFIX_CACHING": "1"})
     sim = RouterSim(f"{uds}-0", AutoTokenizer.from_pretrained(bloom_dir, truncation_side="left"),
                     prefix_caching=True)

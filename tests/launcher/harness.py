@@ -71,7 +71,7 @@ async def fake_router(
     tracer_provider=None,
     **settings,
 ) -> AsyncIterator[Harness]:
-    tmp = tempfile.mkdtemp(prefix="fk", dir="/tmp")  # short: Unix socket paths are <= 107 bytes
+    tmp = tempfile.mkdtemp(prefix="fk")  # short: Unix socket paths are <= 107 bytes
     uds = f"{tmp}/s"
     shards, servers = await start_fake_shards(hf_tokenizer, uds, world_size, **(shard_kwargs or {}))
     client = await ShardedClient.connect(f"{uds}-0")

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def fake_server_bin() -> str:
     """A directory holding a ``text-generation-server`` that runs ``fake_shard.py``."""
-    d = tempfile.mkdtemp(prefix="fkbin", dir="/tmp")
+    d = tempfile.mkdtemp(prefix="fkbin")
     script = Path(d) / "text-generation-server"
     script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "fake_shard.py"}" "$@"\n')
     script.chmod(0o755)
@@ -70,12 +70,12 @@ def launch(
     model_dir, *extra: str, env: dict[str, str] | None = None, path_prefix: str | None = None
 ) -> Launched:
     port = free_port()
-    uds = tempfile.mkdtemp(prefix="uds", dir="/tmp") + "/s"
+    uds = tempfile.mkdtemp(prefix="uds") + "/s"
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("TGI_NPU_KV_CACHE_FRACTION", "0.02")
     if path_prefix:
         full_env["PATH"] = path_prefix + os.pathsep + full_env["PATH"]
-    log_path = Path(tempfile.mkstemp(prefix="launcher", suffix=".log", dir="/tmp")[1])
+    log_path = Path(tempfile.mkstemp(prefix="launcher", suffix=".log")[1])
     cmd = [
         sys.executable,
         "-m",

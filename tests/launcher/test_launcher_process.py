@@ -21,7 +21,7 @@ def fake_bin():
 
 
 def test_two_fake_shards_serve_then_sigterm_exits_zero(bloom_dir, fake_bin):
-    record = tempfile.mkdtemp(prefix="rec", dir="/tmp")
+    record = tempfile.mkdtemp(prefix="rec")
     run = launch(
         bloom_dir,
         "--num-shard",
@@ -82,7 +82,7 @@ def test_shard_crash_during_startup_exits_nonzero_with_its_stderr(bloom_dir, fak
 
 
 def test_shard_crash_while_serving_tears_down(bloom_dir, fake_bin):
-    run_dir = tempfile.mkdtemp(prefix="crash", dir="/tmp")
+    run_dir = tempfile.mkdtemp(prefix="crash")
     run = launch(
         bloom_dir,
         "--num-shard",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_missing_nnal_is_refused_before_warmup(bloom_dir, uninstall_after):
 
 @pytest.mark.parametrize("emulation,needle", [("soc=310P", "310P"), ("nnal=missing", "NNAL")])
 def test_cli_exits_before_the_socket_appears(bloom_dir, emulation, needle):
-    uds = f"/tmp/tgi-npu-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-npu-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run(
         [sys.executable, "-m", "tgi_npu_backend.cli", "serve", str(bloom_dir), "--uds-path", uds,
          "--device", "npu-emulated"],

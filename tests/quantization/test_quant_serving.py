@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,7 +47,7 @@ def _model_dir(case, float_dirs, quantized_dir):
 
 
 def _start(model_dir, args, world_size=1):
-    uds = f"/tmp/tgi-q-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-q-{uuid.uuid4().hex[:8]}"
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "TGI_NPU_DIST_TIMEOUT": "60"}
     extra = (["--sharded"] if world_size > 1 else []) + args

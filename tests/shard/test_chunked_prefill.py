@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import tempfile
 import uuid
 
 import pytest
@@ -50,7 +51,7 @@ def text_of_tokens(tokenizer, seed: int, n: int) -> str:
 def case(request):
     model, n_long, max_prefill, prefix = request.param
     model_dir = request.getfixturevalue(model)
-    uds = f"/tmp/tgi-test-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-test-{uuid.uuid4().hex[:8]}"
     proc = start_shard(model_dir, uds, env={"PREFIX_CACHING": "1" if prefix else "0"})
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     sim = RouterSim(f"{uds}-0", tokenizer, prefix_caching=prefix)

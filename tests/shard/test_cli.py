@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -66,7 +67,7 @@ def test_serve_fails_at_startup_naming_the_flag(bloom_dir):
 
 def test_launcher_command_line_json_logs_and_socket(bloom_dir, tmp_path):
     """The exact argv of launcher/src/main.rs shard_manager; stdout is loguru JSON lines."""
-    uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-cli-{uuid.uuid4().hex[:8]}"
     proc = start_shard(
         bloom_dir, uds, env=LAUNCHER_ENV,
         extra_args=["--dtype", "bfloat16", "--revision", "main", "--otlp-endpoint", "http://localhost:4317",
@@ -86,7 +87,7 @@ def test_launcher_command_line_json_logs_and_socket(bloom_dir, tmp_path):
 
 def test_logger_level_warn_and_off(bloom_dir):
     for level, expect_info in (("WARN", False), ("OFF", False), ("DEBUG", True)):
-        uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+        uds = f"{tempfile.gettempdir()}/tgi-cli-{uuid.uuid4().hex[:8]}"
         proc = start_shard(bloom_dir, uds, extra_args=["--logger-level", level])
         proc.terminate()
         assert proc.wait(30) == 0
@@ -151,7 +152,7 @@ def test_hub_id_from_cache_and_offline_error(bloom_dir, tmp_path):
     from tgi_npu_backend.hub import resolve_model_dir
 
     assert resolve_model_dir("bigscience/tiny-bloom", cache_dir=str(cache)) == snap
-    uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-cli-{uuid.uuid4().hex[:8]}"
     proc = start_shard("bigscience/tiny-bloom", uds, env=env)  # serve by hub id
     proc.terminate()
     assert proc.wait(30) == 0
@@ -166,7 +167,7 @@ def test_unsupported_architectures_are_refused_at_startup(gemma_mqa_dir, tmp_pat
     cfg.update(model_type=model_type, architectures=[arch], final_logit_softcapping=30.0, sliding_window=4096)
     (d / "config.json").write_text(json.dumps(cfg))
     res = subprocess.run([sys.executable, "-m", "tgi_npu_backend.cli", "serve", str(d), "--uds-path",
-                          f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"], capture_output=True, text=True, timeout=120)
+                          f"{tempfile.gettempdir()}/tgi-cli-{uuid.uuid4().hex[:8]}"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
     assert model_type in res.stderr, res.stderr[-2000:]
 
@@ -192,7 +193,7 @@ def test_otlp_endpoint_exports_spans_to_a_collector(bloom_dir):
     port = collector.add_insecure_port("127.0.0.1:0")
     collector.start()
     try:
-        uds = f"/tmp/tgi-cli-{uuid.uuid4().hex[:8]}"
+        uds = f"{tempfile.gettempdir()}/tgi-cli-{uuid.uuid4().hex[:8]}"
         proc = start_shard(bloom_dir, uds, extra_args=["--otlp-endpoint", f"http://127.0.0.1:{port}",
                                                        "--otlp-service-name", "tgi-npu-test"])
         RouterSim(f"{uds}-0", None).startup(max_prefill=32)

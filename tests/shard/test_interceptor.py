@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 
 import grpc
@@ -46,7 +47,7 @@ def test_exceptions_map_to_status(error, code, fatal):
         server = grpc.aio.server(interceptors=[ExceptionInterceptor(on_fatal=stopped.set)])
         gen = RaisingGenerator()
         pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(gen, ["unix://x-0"]), server)
-        path = f"/tmp/tgi-icpt-{uuid.uuid4().hex[:8]}"
+        path = f"{tempfile.gettempdir()}/tgi-icpt-{uuid.uuid4().hex[:8]}"
         server.add_insecure_port(f"unix://{path}")
         await server.start()
         try:
@@ -87,7 +88,7 @@ def test_tracing_spans_follow_the_callers_context():
         server = grpc.aio.server(interceptors=[TracingInterceptor(provider), ExceptionInterceptor(lambda: None)])
         gen = RaisingGenerator()
         pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(gen, ["unix://x-0"]), server)
-        path = f"/tmp/tgi-trace-{uuid.uuid4().hex[:8]}"
+        path = f"{tempfile.gettempdir()}/tgi-trace-{uuid.uuid4().hex[:8]}"
         server.add_insecure_port(f"unix://{path}")
         await server.start()
         try:

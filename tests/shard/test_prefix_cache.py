@@ -9,6 +9,7 @@ shard started with PREFIX_CACHING=0, served by the simple allocator (cache_len a
 from __future__ import annotations
 
 import math
+import tempfile
 import uuid
 
 import pytest
@@ -49,7 +50,7 @@ def sims(request):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     procs, out = [], []
     for on in (True, False):
-        uds = f"/tmp/tgi-pc-{uuid.uuid4().hex[:8]}"
+        uds = f"{tempfile.gettempdir()}/tgi-pc-{uuid.uuid4().hex[:8]}"
         procs.append(start_shard(
             model_dir, uds, extra_args=extra, env={"PREFIX_CACHING": "1" if on else "0"}
         ))

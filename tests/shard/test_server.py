@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import uuid
 
 import grpc
@@ -33,7 +34,7 @@ PARAMS = [(m, d, t) for m in MODELS for d, t in MODES[m]]
 def shard(request):
     model, device, dtype = request.param
     model_dir = request.getfixturevalue(model)
-    uds = f"/tmp/tgi-test-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-test-{uuid.uuid4().hex[:8]}"
     # The launcher's defaults for head_dim 64/128/256 models: the shard reports prefix caching
     # (this RouterSim still allocates without reuse: cache_len = 0 is always valid).
     proc = start_shard(

@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 import time
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 
@@ -101,7 +102,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(bloom_dir):
-    uds = f"/tmp/tgi-robust-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-robust-{uuid.uuid4().hex[:8]}"
     umask = os.umask(0)  # the socket must still be owner-only
     try:
         proc = start_shard(bloom_dir, uds)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import tempfile
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -210,7 +211,7 @@ def start_set(
 ) -> tuple[str, list[subprocess.Popen]]:
     """``world_size`` shards as the launcher starts them (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, --sharded), all at once: rank 0's socket appears only after every rank joined."""
-    uds = f"/tmp/tgi-tp-{uuid.uuid4().hex[:8]}"
+    uds = f"{tempfile.gettempdir()}/tgi-tp-{uuid.uuid4().hex[:8]}"
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "TGI_NPU_DIST_TIMEOUT": str(dist_timeout)}
     extra = (["--sharded"] if world_size > 1 else []) + list(extra_args)
