@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from quant_producers import compressed_tensors_checkpoint, msmodelslim_checkpoint
+from quant_producers import (
+    compressed_tensors_checkpoint,
+    msmodelslim_checkpoint,
+    msmodelslim_tool_checkpoint,
+)
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("compressed_tensors")
@@ -43,7 +47,8 @@ def float_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quantized_dir(float_dirs, tmp_path_factory):
-    """``quantized_dir(arch, producer, scheme)`` -> a checkpoint directory (made once)."""
+    """``quantized_dir(arch, producer, scheme)`` -> a checkpoint directory (made once);
+    producer: compressed-tensors, msmodelslim (the tool) or msmodelslim-doc."""
     made = {}
 
     def make(arch: str, producer: str, scheme: str):
@@ -52,7 +57,10 @@ def quantized_dir(float_dirs, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"{arch}-{producer}-{scheme}".lower())
             if producer == "compressed-tensors":
                 made[key] = compressed_tensors_checkpoint(float_dirs[arch], out, scheme)
-            else:
+            elif producer == "msmodelslim":
+                pytest.importorskip("msmodelslim")
+                made[key] = msmodelslim_tool_checkpoint(float_dirs[arch], out, scheme)
+            else:  # "msmodelslim-doc": written from its documentation
                 made[key] = msmodelslim_checkpoint(float_dirs[arch], out, scheme, arch)
         return made[key]
 

@@ -6,12 +6,14 @@
   scales from calibration prompts run through HF transformers. ``llmcompressor`` itself is not
   used: its 0.14 release pins ``transformers<=5.17.0`` and would replace the transformers this
   project runs on.
-* msModelSlim: ``msmodelslim`` needs torch_npu and an Ascend toolkit to run its quantizer, so
-  ``msmodelslim_checkpoint`` writes its format following msModelSlim's weight-format
+* msModelSlim: ``msmodelslim_tool_checkpoint`` runs msModelSlim 26.1.0 itself on the CPU
+  (its ``llm_ptq`` Calibrator with ``dev_type="cpu"``: min-max calibration, its own export).
+  ``msmodelslim_checkpoint`` also writes the format from msModelSlim's weight-format
   documentation ("msmodelslim量化权重格式", docs of MindStudio-ModelSlim: per-layer ``weight``,
   ``weight_scale``/``weight_offset`` for W8A16, ``input_scale``/``input_offset``/``deq_scale``/
-  ``quant_bias`` for W8A8, ``quant_model_description_<type>.json``, and its ``deqscale_process``
-  for float16 ``deq_scale``).
+  ``quant_bias`` for W8A8, ``quant_model_description_<type>.json``, its ``deqscale_process`` for
+  float16 ``deq_scale``), for the variants the tool does not make from a float32 model here:
+  asymmetric W8A16 weights and float16 ``input_scale``/``input_offset``.
 """
 
 from __future__ import annotations
@@ -131,6 +133,33 @@ def compressed_tensors_checkpoint(src: Path, out: Path, scheme: str) -> Path:
     _copy_side_files(src, out)
     model.save_pretrained(out)
     compressor.update_config(out)
+    return out
+
+
+# ---- msModelSlim: the tool itself --------------------------------------------------------------
+def msmodelslim_tool_checkpoint(src: Path, out: Path, kind: str) -> Path:
+    """Quantize ``src`` with msModelSlim's Calibrator on the CPU: ``W8A16`` (weights only),
+    ``W8A8`` (static per-tensor activations calibrated on ``CALIBRATION``) or ``W8A8_DYNAMIC``."""
+    from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    if model.config.tie_word_embeddings:  # its safetensors writer refuses shared tensors
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    tok = AutoTokenizer.from_pretrained(src)
+    calib = [[tok(t, return_tensors="pt")["input_ids"]] for t in CALIBRATION]
+    if kind == "W8A16":
+        cfg = QuantConfig(w_bit=8, a_bit=16, disable_names=["lm_head"], dev_type="cpu",
+                          w_sym=True, mm_tensor=False)
+        calib = None
+    else:
+        cfg = QuantConfig(w_bit=8, a_bit=8, disable_names=["lm_head"], dev_type="cpu",
+                          act_method=1, pr=1.0, w_sym=True, mm_tensor=False,
+                          is_dynamic=kind == "W8A8_DYNAMIC")
+    calibrator = Calibrator(model, cfg, calib_data=calib, disable_level="L0")
+    calibrator.run()
+    _copy_side_files(src, out)
+    calibrator.save(str(out), save_type=["safe_tensor"])
     return out
 
 

@@ -13,6 +13,7 @@ CASES = (
     [("bloom", "eetq", "W8A16"), ("gemma", "eetq", "W8A16")]
     + [("gemma", "compressed-tensors", s) for s in CT_SCHEMES]
     + [("bloom", "msmodelslim", k) for k in MS_KINDS]
+    + [("gemma", "msmodelslim-doc", "W8A16")]  # asymmetric: the op adds a negated offset
 )
 OPS = ("npu_weight_quant_batchmatmul", "npu_dynamic_quant", "npu_quantize", "npu_quant_matmul")
 

@@ -13,6 +13,7 @@ CASES = (
     [(a, "eetq", "W8A16") for a in ("bloom", "gemma")]
     + [(a, "compressed-tensors", s) for a in ("bloom", "gemma") for s in CT_SCHEMES]
     + [(a, "msmodelslim", k) for a in ("bloom", "gemma") for k in MS_KINDS]
+    + [("bloom", "msmodelslim-doc", "W8A16"), ("gemma", "msmodelslim-doc", "W8A8")]
 )
 # Tolerances, relative to the largest |logit| of the oracle (measured here: W8A16 <= 1.4e-3,
 # W8A8 <= 2.6e-7): W8A16 runs its CPU matmul on bfloat16 activations (8-bit mantissa); W8A8
