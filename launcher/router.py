@@ -3,6 +3,7 @@ HTTP server; and takes it down again."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,7 @@ class Router:
     runners: list[web.AppRunner] = field(default_factory=list)
     shutdown_timeout: float = 0.0
     stopped: bool = False
+    tracer_provider: Any = None  # the OTLP provider the router created, shut down at stop
 
     @classmethod
     async def start(
@@ -107,7 +109,9 @@ class Router:
         by default one exporting to ``settings.otlp_endpoint``, if given."""
         metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
         metrics.set("tgi_batch_max_total_tokens", limits.max_batch_total_tokens)
-        tracer = router_tracer(settings.otlp_endpoint, settings.otlp_service_name, tracer_provider)
+        tracer, own_provider = router_tracer(
+            settings.otlp_endpoint, settings.otlp_service_name, tracer_provider
+        )
         client = TracedClient(client, tracer)
         if info.support_chunking:
             log.info("chunked prefill: prompts enter in chunks under --max-batch-prefill-tokens")
@@ -171,6 +175,7 @@ class Router:
             allocator,
             metrics,
             shutdown_timeout=settings.shutdown_timeout,
+            tracer_provider=own_provider,
         )
         scheduler.start()
         state = AppState(
@@ -234,3 +239,5 @@ class Router:
             await runner.cleanup()
         await self.scheduler.stop()
         await self.client.close()
+        if self.tracer_provider is not None:  # flush the last spans (bounded export timeout)
+            await asyncio.to_thread(self.tracer_provider.shutdown)

@@ -35,16 +35,18 @@ TRACED_CALLS = ("prefill", "decode", "filter_batch", "clear_cache")
 
 def router_tracer(
     otlp_endpoint: str | None, service_name: str, provider: Any = None
-) -> trace.Tracer:
-    """A tracer exporting to ``otlp_endpoint`` (or through ``provider``, for tests); the no-op
-    tracer when neither is given."""
+) -> tuple[trace.Tracer, Any]:
+    """(tracer, the provider this call created or None). The tracer exports to
+    ``otlp_endpoint``, or through ``provider`` (tests); it is the no-op tracer without either.
+    A created provider must be shut down at exit (it flushes the last spans)."""
+    created = None
     if provider is None and otlp_endpoint:
         from tgi_npu_backend.tracing import otlp_tracer_provider
 
-        provider = otlp_tracer_provider(otlp_endpoint, service_name)
+        provider = created = otlp_tracer_provider(otlp_endpoint, service_name)
     if provider is None:
-        return trace.NoOpTracer()
-    return provider.get_tracer("tgi_npu_backend.launcher")
+        return trace.NoOpTracer(), None
+    return provider.get_tracer("tgi_npu_backend.launcher"), created
 
 
 def tracing_middleware(tracer: trace.Tracer):

@@ -53,3 +53,48 @@ def test_no_tracing_sends_no_traceparent(hf_tokenizer):
             assert all("traceparent" not in m for _, m in h.shards[0].metadata)
 
     run(scenario())
+
+
+def test_otlp_endpoint_exports_the_router_spans(hf_tokenizer):
+    """--otlp-endpoint: spans reach an OTLP/gRPC collector under --otlp-service-name, flushed
+    when the router stops."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+
+    async def scenario():
+        async with fake_router(
+            hf_tokenizer,
+            otlp_endpoint=f"http://127.0.0.1:{port}",
+            otlp_service_name="router-test",
+        ) as h:
+            body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 2}}
+            status, _ = await h.post("/generate", body)
+            assert status == 200
+            await h.idle()
+
+    try:
+        run(scenario())
+    finally:
+        collector.stop(None)
+    names = {}
+    for req in received:
+        for rs in req.resource_spans:
+            attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    names[span.name] = attrs["service.name"]
+    assert names.get("generate") == "router-test" and names.get("prefill") == "router-test", names
