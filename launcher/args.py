@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(passed as CUDA_MEMORY_FRACTION); 1 keeps the shard's default sizing",
     )
     flag("--json-output")
-    opt("--otlp-endpoint", help_="passed to the shards; the router exports no traces")
+    opt("--otlp-endpoint", help_="OTLP/gRPC collector for the router's spans; passed to the shards")
     opt("--otlp-service-name", default="text-generation-inference.router")
     opt("--watermark-gamma", float)
     opt("--watermark-delta", float)

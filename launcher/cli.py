@@ -78,6 +78,9 @@ def settings_from(args: LauncherArgs) -> RouterSettings:
         shutdown_timeout=float(args.graceful_termination_timeout),
         api_key=args.api_key,
         cors_allow_origin=args.cors_allow_origin,
+        disable_grammar_support=args.disable_grammar_support,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_service_name=args.otlp_service_name,
     )
 
 
