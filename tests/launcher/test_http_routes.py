@@ -182,3 +182,21 @@ def test_openapi_module_has_every_model_it_references():
     assert doc["info"]["version"] == "test"
     schemas = doc["components"]["schemas"]
     assert {"TextChunk", "ImageUrlChunk", "TypedChoice", "Token", "Chunk"} <= set(schemas)
+
+
+def test_api_key_guards_invocations_not_the_docs_or_chat_tokenize(hf_tokenizer):
+    async def scenario():
+        async with fake_router(hf_tokenizer, api_key="sekret") as h:
+            body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+            status, _ = await h.post("/invocations", body)
+            assert status == 401
+            auth = {"Authorization": "Bearer sekret"}
+            async with h.session.post(h.url + "/invocations", json=body, headers=auth) as resp:
+                assert resp.status == 200
+            status, _ = await h.post("/chat_tokenize", {"messages": MESSAGES})
+            assert status == 200
+            for path in ("/docs", "/api-doc/openapi.json"):
+                async with h.session.get(h.url + path) as resp:
+                    assert resp.status == 200, path
+
+    run(scenario())
