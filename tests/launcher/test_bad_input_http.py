@@ -216,10 +216,10 @@ def test_battery_each_probe_gets_a_clear_error_and_the_server_keeps_serving(hf_t
 def test_a_request_that_breaks_batching_fails_alone(hf_tokenizer, monkeypatch):
     real = batch_queue.request_to_pb
 
-    def flaky(request_id, req, allocation):
+    def flaky(request_id, req, allocation, *rest):
         if "BOOM" in req.inputs:
             raise ValueError("Value out of range")
-        return real(request_id, req, allocation)
+        return real(request_id, req, allocation, *rest)
 
     monkeypatch.setattr(batch_queue, "request_to_pb", flaky)
 
