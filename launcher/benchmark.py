@@ -32,6 +32,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .allocator import BlockAllocator
 from .client import ShardedClient
+from .protocol import chooser_pb, make_request
 from .warmup import build_warmup_request
 
 SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. "
@@ -129,13 +130,10 @@ class Runner:
             allocations.append(alloc)
             text = self.text(case.input_len)
             requests.append(
-                pb.Request(
-                    id=self.next_id, inputs=text, input_chunks=pb.Input(chunks=[pb.InputChunk(text=text)]),
-                    truncate=case.input_len, add_special_tokens=False, parameters=self.params,
-                    stopping_parameters=pb.StoppingCriteriaParameters(
-                        max_new_tokens=case.output_len, ignore_eos_token=True
-                    ),
-                    blocks=list(alloc.blocks), slots=list(alloc.slots),
+                make_request(
+                    id=self.next_id, text=text, truncate=case.input_len, add_special_tokens=False,
+                    parameters=self.params, max_new_tokens=case.output_len, ignore_eos_token=True,
+                    blocks=alloc.blocks, slots=alloc.slots,
                 )
             )
             self.next_id += 1
@@ -261,7 +259,7 @@ async def benchmark(args: argparse.Namespace, cases: list[Case], tokenizer) -> t
         warm = build_warmup_request(max_input, max_prefill, max_total, max(c.batch for c in cases))
         supported, _, _ = await client.warmup(warm)
         capacity = supported if supported is not None else max_total * max(c.batch for c in cases)
-        params = pb.NextTokenChooserParameters(
+        params = chooser_pb(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, typical_p=args.typical_p,
             do_sample=args.do_sample, seed=args.seed, repetition_penalty=args.repetition_penalty,
             frequency_penalty=args.frequency_penalty, watermark=args.watermark,

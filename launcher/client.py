@@ -17,7 +17,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
 
 from .errors import ClientError
-from .protocol import U64_MAX
+from .protocol import U64_MAX, chooser_pb, make_request
 from .tracing import interceptors  # the current span's traceparent in each call's metadata
 
 # NOTE: the Rust router keeps tonic's 4 MiB decode limit; we accept larger Prefill answers
@@ -191,33 +191,15 @@ class ShardedClient:
 
     async def model_health(self) -> None:
         """One-token Prefill on the reserved block 0 (``sharded_client.rs`` model_health)."""
-        request = pb.Request(
+        request = make_request(
             id=U64_MAX,
-            inputs="liveness",
-            input_chunks=pb.Input(chunks=[pb.InputChunk(text="liveness")]),
+            text="liveness",
             truncate=1,
             add_special_tokens=False,
-            prefill_logprobs=False,
-            parameters=pb.NextTokenChooserParameters(
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                typical_p=1.0,
-                do_sample=False,
-                seed=0,
-                repetition_penalty=1.0,
-                frequency_penalty=0.0,
-                watermark=False,
-                grammar="",
-                grammar_type=pb.GRAMMAR_TYPE_NONE,
-            ),
-            stopping_parameters=pb.StoppingCriteriaParameters(
-                max_new_tokens=1, ignore_eos_token=False
-            ),
-            top_n_tokens=0,
+            parameters=chooser_pb(),
+            max_new_tokens=1,
             blocks=[0],
             slots=[0],
-            cache_len=0,
         )
         batch = pb.Batch(id=U64_MAX, requests=[request], size=1, max_tokens=2, max_blocks=1)
         await self.prefill(batch, None)

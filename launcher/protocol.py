@@ -22,6 +22,74 @@ U64_MAX = 2**64 - 1
 GRAMMAR_TYPES = {"json": pb.GRAMMAR_TYPE_JSON, "regex": pb.GRAMMAR_TYPE_REGEX}
 
 
+def chooser_pb(
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    typical_p: float = 1.0,
+    do_sample: bool = False,
+    seed: int = 0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    watermark: bool = False,
+    grammar: str = "",
+    grammar_type: int = pb.GRAMMAR_TYPE_NONE,
+) -> pb.NextTokenChooserParameters:
+    """Every ``NextTokenChooserParameters`` the launcher sends is built here (defaults: greedy,
+    nothing applied: what the router sends for a request that sets nothing)."""
+    return pb.NextTokenChooserParameters(
+        temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p,
+        do_sample=do_sample, seed=seed, repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty, watermark=watermark, grammar=grammar,
+        grammar_type=grammar_type,
+    )
+
+
+def make_request(
+    *,
+    id: int,
+    text: str,
+    parameters: pb.NextTokenChooserParameters,
+    max_new_tokens: int,
+    truncate: int = 0,
+    add_special_tokens: bool = True,
+    stop_sequences: list[str] | tuple[str, ...] = (),
+    ignore_eos_token: bool = False,
+    prefill_logprobs: bool = False,
+    top_n_tokens: int = 0,
+    blocks: list[int] | tuple[int, ...] = (),
+    slots: list[int] | tuple[int, ...] = (),
+    cache_len: int = 0,
+    chunk_len: int | None = None,
+    extra_chunks: list[pb.InputChunk] = (),
+    inputs: str | None = None,
+) -> pb.Request:
+    """Every ``Request`` the launcher sends is built here: one text chunk (plus ``extra_chunks``,
+    e.g. the warmup's image), ``inputs`` the legacy text field (``text`` unless given)."""
+    message = pb.Request(
+        id=id,
+        inputs=text if inputs is None else inputs,
+        input_chunks=pb.Input(chunks=[pb.InputChunk(text=text), *extra_chunks]),
+        truncate=truncate,
+        add_special_tokens=add_special_tokens,
+        prefill_logprobs=prefill_logprobs,
+        top_n_tokens=top_n_tokens,
+        parameters=parameters,
+        stopping_parameters=pb.StoppingCriteriaParameters(
+            max_new_tokens=max_new_tokens,
+            stop_sequences=list(stop_sequences),
+            ignore_eos_token=ignore_eos_token,
+        ),
+        blocks=list(blocks),
+        slots=list(slots),
+        cache_len=cache_len,
+    )
+    if chunk_len is not None:
+        message.chunk_len = chunk_len
+    return message
+
+
 def request_to_pb(
     request_id: int,
     req: ValidRequest,
@@ -31,15 +99,14 @@ def request_to_pb(
     """The ``Request`` the v3 router builds in ``queue.rs`` (text-only: one text chunk);
     ``chunk_len``: the prompt tokens of its first pass, when the prefill budget cut it."""
     p = req.parameters
-    message = pb.Request(
+    message = make_request(
         id=request_id,
-        inputs=req.inputs,
-        input_chunks=pb.Input(chunks=[pb.InputChunk(text=req.inputs)]),
+        text=req.inputs,
         truncate=req.truncate,
         add_special_tokens=req.add_special_tokens,
         prefill_logprobs=req.decoder_input_details,
         top_n_tokens=req.top_n_tokens,
-        parameters=pb.NextTokenChooserParameters(
+        parameters=chooser_pb(
             temperature=p.temperature,
             top_k=p.top_k,
             top_p=p.top_p,
@@ -52,17 +119,14 @@ def request_to_pb(
             grammar=p.grammar.value if p.grammar else "",
             grammar_type=GRAMMAR_TYPES[p.grammar.kind] if p.grammar else pb.GRAMMAR_TYPE_NONE,
         ),
-        stopping_parameters=pb.StoppingCriteriaParameters(
-            max_new_tokens=req.stopping.max_new_tokens,
-            stop_sequences=list(req.stopping.stop_sequences),
-            ignore_eos_token=req.stopping.ignore_eos_token,
-        ),
-        blocks=list(allocation.blocks) if allocation else [],
-        slots=list(allocation.slots) if allocation else [],
+        max_new_tokens=req.stopping.max_new_tokens,
+        stop_sequences=req.stopping.stop_sequences,
+        ignore_eos_token=req.stopping.ignore_eos_token,
+        blocks=allocation.blocks if allocation else (),
+        slots=allocation.slots if allocation else (),
         cache_len=allocation.prefix_len if allocation else 0,
+        chunk_len=chunk_len,
     )
-    if chunk_len is not None:
-        message.chunk_len = chunk_len
     if req.adapter_id is not None:
         message.adapter_id = req.adapter_id
     return message

@@ -11,6 +11,7 @@ from tgi_npu_backend.pb import generate_pb2 as pb
 
 from .client import ShardedClient, WarmupAnswer
 from .errors import LauncherError
+from .protocol import chooser_pb, make_request
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +62,30 @@ def build_warmup_request(
         if per_request is not None:
             truncate = min(per_request, truncate)
         text = "_test " * truncate
-        chunks = [pb.InputChunk(text=text)]
-        inputs = text
+        chunks, inputs = [], text
         if n_tokens == 0:
             chunks.append(pb.InputChunk(image=pb.Image(data=image, mimetype="image/jpeg;base64")))
             inputs += f"![](data:image/jpeg;base64,{WARMUP_IMAGE_BASE64})"
         max_new_tokens = max_total_tokens - truncate if max_total_tokens is not None else 1
         requests.append(
-            pb.Request(
+            make_request(
                 id=0,
+                text=text,
                 inputs=inputs,
-                add_special_tokens=True,
-                input_chunks=pb.Input(chunks=chunks),
+                extra_chunks=chunks,
                 truncate=truncate,
-                blocks=[],
-                slots=[],
-                cache_len=0,
-                parameters=pb.NextTokenChooserParameters(
+                parameters=chooser_pb(
                     temperature=0.9,
                     top_k=10,
                     top_p=0.9,
                     typical_p=0.9,
-                    do_sample=False,
                     seed=0,
                     repetition_penalty=1.2,
                     frequency_penalty=0.1,
                     watermark=True,
-                    grammar="",
-                    grammar_type=pb.GRAMMAR_TYPE_NONE,
                 ),
-                stopping_parameters=pb.StoppingCriteriaParameters(
-                    max_new_tokens=max_new_tokens, stop_sequences=[], ignore_eos_token=True
-                ),
+                max_new_tokens=max_new_tokens,
+                ignore_eos_token=True,
                 prefill_logprobs=True,
                 top_n_tokens=20,
             )
