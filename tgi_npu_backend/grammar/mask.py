@@ -4,7 +4,8 @@ Per step, each grammar request's matcher writes its allowed tokens as bits into 
 row (``[G, W]``, W = ceil(tokenizer size / 32): 31 KiB per request at a 250k vocabulary), all
 rows in one call that llguidance spreads over its own threads (Rust, without the GIL; 80% of
 the host's cores, up to 32); no Python loop over tokens. The ``[G, W]`` words go to the device once
-and expand there to a ``[G, V]`` boolean mask that sets every forbidden logit to ``-inf``.
+and expand there to a ``[G, V]`` boolean mask (on the CPU: numpy's bit unpacking, one pass), and
+one ``torch.where`` sets every forbidden logit to ``-inf``.
 Rows of requests without a grammar are never read or written.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 from llguidance import LLExecutor
 from torch import Tensor
@@ -53,14 +55,19 @@ class GrammarMasks:
         """``[G, vocab]`` bool: the tokens each grammar row may choose next. Ids past the
         tokenizer's (padding logits) are never allowed."""
         self._fill_host()
-        words = self.host.to(self.device, non_blocking=True)  # [G, W]
-        as_bytes = words.view(torch.uint8)  # [G, 4W]
-        allowed = (as_bytes.unsqueeze(-1) & self.bits) != 0  # [G, 4W, 8]
-        allowed = allowed.view(len(self.rows), -1)  # [G, 32W]
+        rows = len(self.rows)
+        if self.device.type == "cpu":
+            # one pass of numpy's C bit unpacking (0/1 bytes are valid bools)
+            bits = np.unpackbits(self.host.numpy().view(np.uint8), axis=1, bitorder="little")
+            allowed = torch.from_numpy(bits).view(torch.bool)  # [G, 32W]
+        else:
+            words = self.host.to(self.device, non_blocking=True)  # [G, W]: one host->device copy
+            as_bytes = words.view(torch.uint8)  # [G, 4W]
+            allowed = ((as_bytes.unsqueeze(-1) & self.bits) != 0).view(rows, -1)  # [G, 32W]
         width = allowed.shape[1]
         if vocab <= width:
             return allowed[:, :vocab]
-        pad = torch.zeros((len(self.rows), vocab - width), dtype=torch.bool, device=self.device)
+        pad = torch.zeros((rows, vocab - width), dtype=torch.bool, device=self.device)
         return torch.cat([allowed, pad], dim=1)
 
     def _fill_host(self) -> None:
@@ -84,5 +91,7 @@ class GrammarMasks:
         """``scores`` ``[B, V]`` float with every grammar row's forbidden tokens at ``-inf``
         (out of place; the other rows are copied bit for bit)."""
         allowed = self.allowed(scores.shape[1])  # [G, V]
-        masked = scores.index_select(0, self.index).masked_fill(~allowed, NEG_INF)  # [G, V]
+        if len(self.rows) == scores.shape[0]:  # every row has a grammar: one pass
+            return torch.where(allowed, scores, NEG_INF)
+        masked = torch.where(allowed, scores.index_select(0, self.index), NEG_INF)  # [G, V]
         return scores.index_copy(0, self.index, masked)
