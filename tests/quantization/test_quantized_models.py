@@ -71,3 +71,19 @@ def test_compressed_tensors_agree_with_hf_transformers(arch, scheme, quantized_d
         theirs = hf(torch.tensor([ids])).logits[0].float()
     err = float((ours - theirs).abs().max() / theirs.abs().max())
     assert err < HF_TOL[scheme], f"max |ours - HF| / max |HF| = {err:.2e}"
+
+
+def test_int8_layers_hold_a_quarter_of_the_float_bytes(float_dirs):
+    """What the KV pool sizing sees after loading (it sizes from the memory left): the decoder
+    linears' int8 weights plus float32 scales, against their float32 weights."""
+    from tgi_npu_backend.models.layers.quant.methods import weight_bytes
+
+    float_model, int8_model = load(float_dirs["gemma"]), load(float_dirs["gemma"], "eetq")
+    float_linears = sum(
+        m.weight.numel() * m.weight.element_size() for m in float_model.modules()
+        if type(m).__name__.endswith("ParallelLinear")
+    )
+    int8_linears = sum(m.method.int8.nbytes() for m in quantized_linears(int8_model))
+    assert 0.25 < int8_linears / float_linears < 0.27  # 1 byte + a 4-byte scale per row of K=128+
+    saved = weight_bytes(float_model) - weight_bytes(int8_model)
+    assert saved == float_linears - int8_linears
