@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .allocator import BlockAllocator
-from .radix import RadixAllocator
 from .batch_queue import Entry, Queue
 from .client import ShardedClient
 from .entities import (
@@ -31,8 +30,10 @@ from .errors import (
     ValidationError,
 )
 from .metrics import Metrics
+from .radix import RadixAllocator
 from .scheduler import Scheduler
 from .schemas import GenerateRequest
+from .tracing import SpanLinks
 from .validation import Validator
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Infer:
         max_concurrent_requests: int,
         allocator: BlockAllocator | RadixAllocator | None,
         speculate: int = 0,
+        span_links: SpanLinks | None = None,
     ) -> None:
         self.validator = validator
         self.queue = queue
@@ -93,6 +95,7 @@ class Infer:
         self.max_concurrent_requests = max_concurrent_requests
         self.allocator = allocator
         self.speculate = speculate
+        self.span_links = span_links  # request id -> its HTTP span, for the batch spans' links
         self.in_flight = 0
         self.closing = False  # set on shutdown: new requests are refused
 
@@ -117,10 +120,14 @@ class Infer:
             self.metrics.observe("tgi_request_max_new_tokens", valid.stopping.max_new_tokens)
             entry = Entry(request=valid)
             self.queue.append(entry)
+            if self.span_links is not None:
+                self.span_links.add(entry.id)
             stream = RequestStream(entry, valid, self.scheduler)
             try:
                 yield stream
             finally:
+                if self.span_links is not None:
+                    self.span_links.discard(entry.id)
                 if not stream.finished:
                     # The client went away: the batching task drops it at its next step.
                     entry.cancelled = True

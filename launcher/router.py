@@ -166,6 +166,7 @@ class Router:
             max_concurrent_requests=settings.max_concurrent_requests,
             allocator=allocator,
             speculate=info.speculate,
+            span_links=client.span_links,
         )
         router = cls(
             client,

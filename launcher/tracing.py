@@ -1,6 +1,7 @@
 """Router-side tracing, as TGI's router does it with ``--otlp-endpoint``: one span per HTTP
 request (a child of the caller's W3C ``traceparent`` header when it sends one), one span per
-Prefill / Decode / FilterBatch / ClearCache the batching task sends, and the current span's
+Prefill / Decode / FilterBatch / ClearCache the batching task sends (a Prefill span links to its
+requests' spans), and the current span's
 ``traceparent`` in the gRPC metadata of every shard call, so each shard's RPC span (the shard's
 ``TracingInterceptor``) is a child of the router's.
 
@@ -71,13 +72,35 @@ def tracing_middleware(tracer: trace.Tracer):
     return middleware
 
 
+class SpanLinks:
+    """Request id -> the span context of the HTTP request it came from, while it is queued or
+    running: a Prefill span links to the request spans of its batch (TGI's batch spans
+    ``follows_from`` them)."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[int, trace.SpanContext] = {}
+
+    def add(self, request_id: int) -> None:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            self._contexts[request_id] = context
+
+    def discard(self, request_id: int) -> None:
+        self._contexts.pop(request_id, None)
+
+    def links(self, request_ids) -> list[trace.Link]:
+        return [trace.Link(self._contexts[i]) for i in request_ids if i in self._contexts]
+
+
 class TracedClient:
     """The sharded client with a CLIENT span around each batch RPC (``prefill``, ``decode``,
-    ...), attributes ``batch.id`` / ``batch.size`` where known. Everything else passes through."""
+    ...), attributes ``batch.id`` / ``batch.size`` where known; a Prefill span links to its
+    requests' spans. Everything else passes through."""
 
-    def __init__(self, client: Any, tracer: trace.Tracer) -> None:
+    def __init__(self, client: Any, tracer: trace.Tracer, links: SpanLinks | None = None) -> None:
         self._client = client
         self._tracer = tracer
+        self.span_links = links or SpanLinks()
 
     def __getattr__(self, name: str) -> Any:
         inner = getattr(self._client, name)
@@ -86,14 +109,19 @@ class TracedClient:
 
         async def traced(*args, **kwargs):
             batch = args[0] if args else None
-            attributes = {}
+            attributes, links = {}, []
             if hasattr(batch, "id") and hasattr(batch, "requests"):
                 attributes = {"batch.id": batch.id, "batch.size": len(batch.requests)}
+                links = self.span_links.links(r.id for r in batch.requests)
             elif isinstance(batch, list):
                 attributes = {"batch.count": len(batch)}
             # NOTE: batch spans are roots (TGI: ``parent: None``): a batch serves many requests.
             with self._tracer.start_as_current_span(
-                name, context=otel_context.Context(), kind=SpanKind.CLIENT, attributes=attributes
+                name,
+                context=otel_context.Context(),
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+                links=links,
             ):
                 return await inner(*args, **kwargs)
 

@@ -36,6 +36,9 @@ def test_request_and_batch_spans_and_traceparent_to_the_shard(hf_tokenizer):
     prefill = [s for s in spans if s.name == "prefill"]
     decode = [s for s in spans if s.name == "decode"]
     assert len(prefill) == 1 and len(decode) == 2 and prefill[0].attributes["batch.size"] == 1
+    # the batch span is a root that links to the request span it serves
+    assert prefill[0].parent is None
+    assert [link.context.span_id for link in prefill[0].links] == [request[0].context.span_id]
     sent = dict(metadata)["Prefill"]["traceparent"]  # 00-TRACE-SPAN-FLAGS
     ctx = prefill[0].context
     assert sent.startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
