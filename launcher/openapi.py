@@ -99,17 +99,17 @@ def _responses(ok: dict, errors: tuple[str, ...]) -> dict:
 
 
 def sse_event(*models: type[BaseModel], done: bool = False) -> dict:
-    """One server-sent event: ``data`` is the JSON of one of ``models`` (or an error), or
-    ``[DONE]`` (OpenAI streams end with it). ``contentMediaType`` / ``contentSchema`` say what the
-    ``data`` string holds (OpenAPI 3.2's SSE convention; ``:`` keep-alive comments carry no
-    event)."""
-    payload = {
-        "type": "string",
-        "contentMediaType": "application/json",
-        "contentSchema": {"anyOf": [_ref(m) for m in models]},
+    """One server-sent event of a stream. Its ``data`` is the JSON of one of ``models`` (or of an
+    error), or ``[DONE]`` where ``done`` (OpenAI streams end with it); ``x-data-schema`` holds
+    that JSON's schema (OpenAPI 3.0 has no keyword for a string's JSON content). ``:``
+    keep-alive comments carry no event."""
+    names = ", ".join(m.__name__ for m in models) + (" or [DONE]" if done else "")
+    return {
+        "type": "object",
+        "properties": {"data": {"type": "string", "description": f"JSON of {names}"}},
+        "required": ["data"],
+        "x-data-schema": {"anyOf": [_ref(m) for m in models]},
     }
-    data = {"anyOf": [{"type": "string", "enum": ["[DONE]"]}, payload]} if done else payload
-    return {"type": "object", "properties": {"data": data}, "required": ["data"]}
 
 
 def _ok(description: str, json_schema: dict | None = None, sse: dict | None = None) -> dict:

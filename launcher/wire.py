@@ -143,10 +143,17 @@ StrList = Annotated[
 JsonValue = Annotated[Any, WithJsonSchema({})]  # any JSON value (a JSON schema, tool arguments)
 
 
+# Tags of the tagged unions (``GrammarType``): pydantic puts the tag in an error's location,
+# serde does not.
+UNION_TAGS = frozenset(("json", "json_object", "regex", "json_schema"))
+
+
 def path_of(loc: tuple) -> str:
     """``("messages", 0, "role")`` -> ``messages[0].role`` (serde_path_to_error's form)."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        if part in UNION_TAGS and i > 0 and loc[i - 1] in ("grammar", "response_format"):
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:

@@ -10,7 +10,7 @@ import json
 
 import pytest
 from harness import fake_router, run
-from tgi_npu_backend.launcher.openai_schemas import Tool
+from tgi_npu_backend.launcher.openai_schemas import ChatCompletionChunk, Tool
 from tgi_npu_backend.launcher.tools import ToolStream, tool_schema
 
 from tgi_npu_backend.grammar import check_grammar
@@ -228,6 +228,13 @@ def test_tool_calls_with_the_openai_client_stream_and_not(hf_tokenizer):
             assert json.loads(arguments) == {"location": "Paris, FR", "unit": "celsius"}
             assert chunks[-1].choices[0].finish_reason == "stop"
             assert set(json.loads(sent_grammar(h)[1])["$functions"]) == {"get_weather"}
+            # the raw chunks are the documented ChatCompletionChunk (tool-call deltas included)
+            body = {"messages": MESSAGES, "tools": [WEATHER], "tool_choice": "required",
+                    "max_tokens": 200, "stream": True}  # fmt: skip
+            status, events = await h.sse("/v1/chat/completions", body)
+            assert status == 200 and events[-1] == "[DONE]"
+            for event in events[:-1]:
+                ChatCompletionChunk.model_validate(event, strict=True)
             await client.close()
 
     run(scenario())
