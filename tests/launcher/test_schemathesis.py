@@ -111,7 +111,7 @@ def run_schemathesis(hf_tokenizer, cwd, phases: str, examples: int, max_time: in
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(hf_tokenizer, tmp_path):
     """Bounded for the default suite: each route's examples plus a few generated bodies."""
-    run_schemathesis(hf_tokenizer, tmp_path, "examples,fuzzing", MAX_EXAMPLES, 30)
+    run_schemathesis(hf_tokenizer, tmp_path, "examples,fuzzing", MAX_EXAMPLES, 20)
 
 
 @pytest.mark.slow
