@@ -215,6 +215,8 @@ class NpuBackend(ReferenceBackend):
             return super().prefill(
                 query, key, value, key_cache, value_cache, meta, scale, alibi_slopes
             )
+        if meta.phase is Phase.MIXED and alibi_slopes is None:
+            return self._splitfuse(query, key_cache, value_cache, meta, scale)
         if meta.has_prefix:
             return self._paged_per_token(query, key_cache, value_cache, meta, scale, alibi_slopes)
         torch_npu = _torch_npu()
@@ -269,6 +271,47 @@ class NpuBackend(ReferenceBackend):
             self._fallback("decode", f"{query.dtype} activations (ATB takes fp16/bf16)")
             return super().decode(query, key_cache, value_cache, meta, scale, alibi_slopes)
         return self._paged_per_token(query, key_cache, value_cache, meta, scale, alibi_slopes)
+
+    def _splitfuse(
+        self, query: Tensor, key_cache: Tensor, value_cache: Tensor, meta: AttentionMetadata,
+        scale: float,
+    ) -> Tensor:
+        """A MIXED pass (chunked prefill: prompt chunks and decode tokens) in one ATB
+        PagedAttention call (CALC_TYPE_SPEC / MASK_TYPE_SPEC): per sequence, its query tokens and
+        its cached length including this pass; one additive mask row per query token over the
+        absolute key positions. ALiBi passes keep the per-token path (the op takes no slopes)."""
+        query = query.contiguous()
+        out = torch.empty_like(query)
+        _torch_npu()._npu_paged_attention_splitfuse(
+            query,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            self._host_lens(meta),
+            self._splitfuse_mask(meta, query.dtype, query.device),
+            self._cached(meta, ("qlens",), lambda: torch.tensor(meta.query_lens_list, dtype=torch.int32)),
+            key_cache.shape[2],
+            query.shape[1],
+            scale,
+            out,
+        )
+        return out
+
+    def _splitfuse_mask(self, meta: AttentionMetadata, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``[T, max_seq_len]``: 0 where key position <= the query token's position, masked above
+        (op-plugin's splitfuse test: 0 / -10000)."""
+
+        def build() -> Tensor:
+            pos: list[int] = []
+            for ctx, q in zip(meta.context_lens_list, meta.query_lens_list):
+                pos += range(ctx, ctx + q)
+            query_pos = _to_device(torch.tensor(pos, dtype=torch.int64), device)
+            keys = torch.arange(meta.max_seqlen_k, device=device)
+            mask = torch.zeros(len(pos), meta.max_seqlen_k, device=device)
+            mask = mask.masked_fill(keys[None, :] > query_pos[:, None], _MASKED[dtype]).to(dtype)
+            return self._observe_mask("splitfuse", mask)
+
+        return self._cached(meta, ("splitfuse", dtype), build)
 
     def _paged_per_token(
         self,
@@ -351,11 +394,14 @@ class NpuBackend(ReferenceBackend):
         torch_npu = _torch_npu()
         # npu_rotary_mul takes 4-D input: [T, H, D] -> [1, T, H, D] (BSND, B = 1) with cos/sin
         # [T, 1, D] -> [1, T, 1, D] (the documented 1S1D broadcast). NOTE: not [T, 1, H, D]:
-        # the 'half' mode documents B < 1000, which a long prefill would exceed.
+        # the 'half' mode documents B < 1000, which a long prefill would exceed. Query and key
+        # heads go in one call, [1, T, H + KVH, D]: a key alone with one KV head (MQA) would be
+        # [1, T, 1, D], which also reads as BNSD with N = T (and T >= 1000 breaks N < 1000).
         r1, r2 = cos.unsqueeze(0), sin.unsqueeze(0)
-        q = torch_npu.npu_rotary_mul(query.unsqueeze(0).contiguous(), r1, r2, rotary_mode="half")
-        k = torch_npu.npu_rotary_mul(key.unsqueeze(0).contiguous(), r1, r2, rotary_mode="half")
-        return q.squeeze(0), k.squeeze(0)
+        heads = query.shape[1]
+        qk = torch.cat([query, key], dim=1).unsqueeze(0)
+        out = torch_npu.npu_rotary_mul(qk, r1, r2, rotary_mode="half").squeeze(0)
+        return out[:, :heads], out[:, heads:]
 
     # --- per-step inputs ------------------------------------------------------------------------
 

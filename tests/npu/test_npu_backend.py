@@ -76,6 +76,7 @@ def test_npu_kernels_match_reference(npu_emulated, case, heads, kv_heads, head_d
     assert not npu_emulated.fallbacks
     expected = {
         ("prefill", False): "_npu_flash_attention", ("prefill", True): "_npu_flash_attention_v2",
+        ("mixed", False): "_npu_paged_attention_splitfuse",
     }.get((case, alibi), "_npu_paged_attention_v2" if alibi else "_npu_paged_attention")
     assert any(expected in op for op in npu_emulated.calls), dict(npu_emulated.calls)
     assert any("reshape_and_cache" in op for op in npu_emulated.calls)
@@ -100,6 +101,19 @@ def test_fused_norm_and_rotary_match_reference(npu_emulated, dtype):
         torch.testing.assert_close(a, b, **tol)
     assert not npu_emulated.fallbacks
     assert {"npu_rms_norm", "npu_add_rms_norm", "npu_rotary_mul"} <= {op.split(".")[-1] for op in npu_emulated.calls} | set(npu_emulated.calls)
+
+
+def test_rotary_of_a_long_pass_with_one_kv_head(npu_emulated):
+    """1200 tokens, MQA: a key alone ([1, T, 1, D]) would also read as BNSD with N = T >= 1000,
+    which npu_rotary_mul's half mode refuses; query and key heads go in one call."""
+    g = torch.Generator().manual_seed(1)
+    t, dtype = 1200, torch.bfloat16
+    q, k = torch.randn(t, 4, 64, generator=g).to(dtype), torch.randn(t, 1, 64, generator=g).to(dtype)
+    ang = torch.arange(float(t))[:, None, None] * torch.rand(1, 1, 32, generator=g) / 100
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    for a, b in zip(NpuBackend(observer=npu_emulated).rotary(q, k, cos, sin), ReferenceBackend().rotary(q, k, cos, sin)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=8e-2, rtol=5e-2)
 
 
 def test_alibi_groups_bound_the_mask():

@@ -26,6 +26,9 @@ CASES = [
     pytest.param(("bloom_dir", 3000, 512, False), id="bloom-3000-512"),
     pytest.param(("bloom_dir", 1200, 256, True), id="bloom-1200-256-prefix", marks=pytest.mark.slow),
     pytest.param(("gemma_mqa_dir", 1500, 256, False), id="gemma-1500-256", marks=pytest.mark.slow),
+    # the NPU path through the emulation: MIXED passes go to _npu_paged_attention_splitfuse
+    pytest.param(("gemma_mqa_dir", 1000, 256, False, "npu-emulated", "bfloat16"),
+                 id="gemma-npu-emulated-bf16", marks=pytest.mark.slow),
 ]
 
 
@@ -49,10 +52,12 @@ def text_of_tokens(tokenizer, seed: int, n: int) -> str:
 
 @pytest.fixture(scope="module", params=CASES)
 def case(request):
-    model, n_long, max_prefill, prefix = request.param
+    model, n_long, max_prefill, prefix, *mode = request.param
+    device, dtype = mode or ("cpu", "float32")
     model_dir = request.getfixturevalue(model)
     uds = f"{tempfile.gettempdir()}/tgi-test-{uuid.uuid4().hex[:8]}"
-    proc = start_shard(model_dir, uds, env={"PREFIX_CACHING": "1" if prefix else "0"})
+    proc = start_shard(model_dir, uds, extra_args=["--device", device, "--dtype", dtype],
+                       env={"PREFIX_CACHING": "1" if prefix else "0"})
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     sim = RouterSim(f"{uds}-0", tokenizer, prefix_caching=prefix)
     info = sim.startup(max_input=n_long, max_total=n_long + 64, max_prefill=max_prefill)
@@ -60,6 +65,7 @@ def case(request):
     yield sim, n_long, max_prefill
     proc.terminate()
     assert proc.wait(30) == 0, proc.stderr.read()
+    assert "reference (non-fused) path" not in proc.stdout.read()
     assert not os.path.exists(f"{uds}-0")
 
 
@@ -71,7 +77,8 @@ def close(a: list[float], b: list[float], tol: float = 1e-4) -> bool:
 
 def test_long_prompt_arrives_while_streams_decode(case):
     sim, n_long, max_prefill = case
-    streams = [dict(text=f"stream {i} " + " ".join(words(i, 8)), max_new_tokens=48) for i in range(STREAMS)]
+    streams = [dict(text=f"stream {i} " + " ".join(words(i, 8)), max_new_tokens=48, ignore_eos=True)
+               for i in range(STREAMS)]
     # sampled and greedy streams: a seeded stream must draw exactly once per generated token
     streams[1].update(do_sample=True, seed=11, temperature=0.9, top_k=20)
     streams[2].update(prefill_logprobs=True, top_n=2)
