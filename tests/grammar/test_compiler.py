@@ -61,3 +61,20 @@ def test_refusal_at_submit(tokenizer, spec):
 
 def test_masks_cover_the_tokenizer(tokenizer):
     assert compiler_for(tokenizer, {2}).words == (len(tokenizer) + 31) // 32
+
+
+def test_submit_returns_before_the_build_ends(tokenizer, monkeypatch):
+    """Prefill only starts the build; the step that chooses the first token waits for it."""
+    compiler = GrammarCompiler(tokenizer, {2})
+    release = threading.Event()
+    build = GrammarCompiler._build
+
+    def slow(self, spec, grammar):
+        assert release.wait(10)
+        return build(self, spec, grammar)
+
+    monkeypatch.setattr(GrammarCompiler, "_build", slow)
+    future = compiler.submit(DIGITS)
+    assert not future.done()
+    release.set()
+    assert future.result(10) is not None

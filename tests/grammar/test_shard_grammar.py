@@ -217,3 +217,32 @@ def test_bad_grammar_fails_its_prefill_and_batches_in_flight_continue(shard: Rou
     assert f"request {bad_ids[0]}: " in refused[0].details()
     assert "Invalid type: strng" in refused[0].details()
     assert "unclosed group" in refused[1].details()
+
+
+def test_chunked_prefill_keeps_each_grammar(shard: RouterSim):
+    """A grammar request whose long prompt takes several passes (chunked prefill) while grammar
+    streams decode beside it: the streams get a token every pass, the long one's grammar starts
+    with its first token, and all equal their solo runs."""
+    sp = specs()
+    streams = [sp["json_greedy"], sp["regex_sampled"], sp["free_greedy"]]
+    long = dict(text=PREAMBLE * 4 + "Now the record:", max_new_tokens=120, seed=5, **SAMPLED,
+                **grammar("json", LEVEL))
+
+    def request(spec):
+        spec = dict(spec)
+        return shard.request(spec.pop("text"), **spec)
+
+    stream_reqs = [request(s) for s in streams]
+    long_req = request(long)
+    results, trace = shard.run_chunked({0: stream_reqs, 2: [long_req]}, max_prefill=64)
+    passes = [ids for _, ids in trace]
+    first = next(i for i, ids in enumerate(passes) if long_req.id in ids)
+    arrival = next(i for i, (name, _) in enumerate(trace) if name == "prefill" and i > 0)
+    # the router cut its first chunk (64-token budget); the shard ran the rest in a later pass
+    assert first > arrival and long_req.id not in passes[arrival], "the long prompt took several passes"
+    for spec, req in [*zip(streams, stream_reqs), (long, long_req)]:
+        solo = request(spec)
+        same(results[req.id], shard.run({0: [solo]})[solo.id])
+    res = results[long_req.id]
+    assert res.finish_reason == pb.FINISH_REASON_EOS_TOKEN
+    check("json", json.dumps(LEVEL), res.generated_text)
