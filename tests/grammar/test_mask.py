@@ -114,3 +114,20 @@ def test_one_parallel_fill_for_many_rows(tokenizer):
     assert allowed[1].all()
     single = GrammarMasks([0], [live], "cpu").allowed(len(tokenizer))[0]
     assert torch.equal(allowed[2], single) and single[EOS]
+
+
+def test_device_unpacking_equals_the_host_one():
+    """The bit expansion a device runs (uint8 views and ands) gives the host's numpy result."""
+    from tgi_npu_backend.grammar.mask import unpack_on_device, unpack_on_host
+
+    torch.manual_seed(0)
+    words = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32)
+    words[0, 0] = -(2**31)  # only bit 31 (token 31)
+    words[1] = 0
+    bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+    host = unpack_on_host(words)
+    assert torch.equal(unpack_on_device(words, bits), host)
+    assert host.shape == (3, 160) and not host[1].any()
+    assert host[0, :32].nonzero().flatten().tolist() == [31]
+    expect = torch.tensor([[(int(w) >> b) & 1 for w in row for b in range(32)] for row in words.tolist()])
+    assert torch.equal(host, expect.bool())

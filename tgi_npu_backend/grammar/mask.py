@@ -33,6 +33,20 @@ def _parallel() -> LLExecutor:
         return _executor
 
 
+def unpack_on_host(words: Tensor) -> Tensor:
+    """``[G, W]`` int32 host words -> ``[G, 32W]`` bool, bit ``t % 32`` of word ``t // 32`` is
+    token ``t``: one pass of numpy's C bit unpacking (0/1 bytes are valid bools)."""
+    bits = np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(bits).view(torch.bool)
+
+
+def unpack_on_device(words: Tensor, bits: Tensor) -> Tensor:
+    """The same on the words' device: little-endian int32 words read as bytes keep token order
+    (x86_64, aarch64); ``bits`` is ``[1, 2, 4, ..., 128]`` uint8 on that device."""
+    as_bytes = words.view(torch.uint8)  # [G, 4W]
+    return ((as_bytes.unsqueeze(-1) & bits) != 0).view(words.shape[0], -1)  # [G, 32W]
+
+
 class GrammarMasks:
     def __init__(self, rows: list[int], states: list[GrammarState], device: torch.device | str):
         """``rows``: the batch rows with a grammar, ``states`` their grammar states (one
@@ -47,7 +61,6 @@ class GrammarMasks:
         self.words = words.pop()
         self.device = torch.device(device)
         self.index = torch.tensor(rows, dtype=torch.int64, device=self.device)  # [G]
-        # bit b of byte k: little-endian int32 words read as bytes keep token order (x86, arm64)
         self.bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=self.device)
         self.host = torch.zeros((len(rows), self.words), dtype=torch.int32)  # [G, W], reused
 
@@ -57,13 +70,11 @@ class GrammarMasks:
         self._fill_host()
         rows = len(self.rows)
         if self.device.type == "cpu":
-            # one pass of numpy's C bit unpacking (0/1 bytes are valid bools)
-            bits = np.unpackbits(self.host.numpy().view(np.uint8), axis=1, bitorder="little")
-            allowed = torch.from_numpy(bits).view(torch.bool)  # [G, 32W]
+            allowed = unpack_on_host(self.host)
         else:
-            words = self.host.to(self.device, non_blocking=True)  # [G, W]: one host->device copy
-            as_bytes = words.view(torch.uint8)  # [G, 4W]
-            allowed = ((as_bytes.unsqueeze(-1) & self.bits) != 0).view(rows, -1)  # [G, 32W]
+            # NOTE: a blocking copy: the host rows are rewritten next step, and a non-blocking
+            # copy from pageable memory may still be reading them on some devices
+            allowed = unpack_on_device(self.host.to(self.device), self.bits)
         width = allowed.shape[1]
         if vocab <= width:
             return allowed[:, :vocab]
