@@ -24,7 +24,7 @@ def test_a_session_leaves_nothing_behind(tmp_path):
     test = "tests/launcher/test_offline_startup.py::test_hub_id_without_a_hub_fails_in_seconds"
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
-        cwd=ROOT, env={**os.environ, "TMPDIR": str(outer)}, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env={**os.environ, "TMPDIR": str(outer)}, capture_output=True, text=True, timeout=300, check=False,
     )
     assert res.returncode == 0, res.stdout[-3000:]
     assert list(outer.iterdir()) == []

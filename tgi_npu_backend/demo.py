@@ -214,7 +214,14 @@ def write_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .demo_training import CACHE_ENV, Recipe, cache_root, read_stamp, with_overrides, write_trained_checkpoint
+    from .demo_training import (
+        CACHE_ENV,
+        Recipe,
+        cache_root,
+        read_stamp,
+        with_overrides,
+        write_trained_checkpoint,
+    )
 
     parser = argparse.ArgumentParser(
         prog="tgi-npu-demo-checkpoint",

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-
 from processes import free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -58,6 +57,24 @@ def per_char_loss(model, tok, prompt: str, continuation: str) -> float:
     return nll / len(continuation)
 
 
+def _generate(launcher: subprocess.Popen, port: int, route: str, body: str, log_path: Path) -> str:
+    """Wait for /health, then POST the README's request; the generated text."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert launcher.poll() is None, log_path.read_text()
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.5)
+    r = requests.post(f"http://127.0.0.1:{port}{route}", data=body,
+                      headers={"Content-Type": "application/json"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["generated_text"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_readme_run_command_serves_a_plausible_demo(tmp_path):
@@ -72,28 +89,15 @@ def test_readme_run_command_serves_a_plausible_demo(tmp_path):
     start = time.monotonic()
     subprocess.run(as_here(steps[0]), env=env, check=True, timeout=1500)
     print(f"tgi-npu-demo-checkpoint took {time.monotonic() - start:.0f} s")
-    log = open(tmp_path / "launcher.log", "w")
-    launcher = subprocess.Popen(as_here(steps[1]) + ["--shard-uds-path", str(tmp_path / "s")],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()
-            time.sleep(0.5)
-        r = requests.post(f"http://127.0.0.1:{port}{route}", data=body,
-                          headers={"Content-Type": "application/json"}, timeout=120)
-        assert r.status_code == 200, r.text
-        text = r.json()["generated_text"]
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(120)
-        log.close()
+    log_path = tmp_path / "launcher.log"
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(as_here(steps[1]) + ["--shard-uds-path", str(tmp_path / "s")],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            text = _generate(launcher, port, route, body, log_path)
+        finally:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(120)
     print(repr(text))
     assert "\ufffd" not in text
     assert len(text.strip()) >= 20, repr(text)

@@ -64,7 +64,7 @@ def test_download_weights_offline_fails_in_seconds_and_says_it_once(tmp_path):
         res = subprocess.run(
             [sys.executable, "-m", "tgi_npu_backend.cli", "download-weights", "org/not-cached",
              "--json-output"],
-            capture_output=True, text=True, env=_clean_env(tmp_path, **extra), timeout=60,
+            capture_output=True, text=True, env=_clean_env(tmp_path, **extra), timeout=60, check=False,
         )
         elapsed = time.monotonic() - start
         assert res.returncode == 1, res.stderr
@@ -79,7 +79,7 @@ def test_serve_a_missing_directory_prints_its_message_once(tmp_path):
     res = subprocess.run(
         [sys.executable, "-m", "tgi_npu_backend.cli", "serve", "/nonexistent", "--uds-path",
          str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     assert res.returncode == 1
     both = res.stdout + res.stderr

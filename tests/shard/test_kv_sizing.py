@@ -71,6 +71,7 @@ def test_tokens_and_fraction_when_set_and_the_npu_default():
 
 def test_a_tiny_model_gets_a_tiny_pool_and_the_log_says_why(bloom_dir):
     from router_sim import RouterSim, batch_requests
+
     from tgi_npu_backend.config import ServerConfig
     from tgi_npu_backend.load import build_generator
 
