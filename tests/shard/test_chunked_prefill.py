@@ -159,3 +159,38 @@ def test_chunk_len_is_checked(case):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"request {req.id}: chunk_len=10000 must be in [1, " in err.value.details()
     sim.release(req.id)
+
+
+def test_prefill_chunking_0_turns_it_off(bloom_dir):
+    """PREFILL_CHUNKING=0: Info says no chunking, and chunk_len / cached_batch are refused with
+    a message naming what to send instead."""
+    from router_sim import batch_requests, plain
+
+    from tgi_npu_backend.config import ServerConfig
+    from tgi_npu_backend.errors import InvalidRequestError
+    from tgi_npu_backend.load import build_generator
+
+    assert ServerConfig.from_cli(model_id=str(bloom_dir), env={}).prefill_chunking
+    config = ServerConfig.from_cli(
+        model_id=str(bloom_dir), env={"PREFILL_CHUNKING": "0", "TGI_NPU_KV_CACHE_FRACTION": "0.01"}
+    )
+    gen = build_generator(config)
+    assert not gen.info().support_chunking
+    tokenizer = AutoTokenizer.from_pretrained(bloom_dir, truncation_side="left")
+    sim = RouterSim("unused", tokenizer)
+    warm = sim.warmup_request(None, None, 64, None)
+    supported, sim.max_input, sim.max_total = gen.warmup(batch_requests(warm.batch), None, 64, None)
+    assert sim.max_input <= 64  # without chunking a prompt must fit one prefill pass
+    from tgi_npu_backend.launcher.allocator import BlockAllocator
+
+    sim.allocator = BlockAllocator(supported, gen.block_size)
+    first = sim.request("the first prompt", max_new_tokens=4)
+    step = gen.prefill(*plain(sim.batch([first])))
+    cut = sim.request("a prompt of a few tokens", max_new_tokens=2)
+    cut.chunk_len = 2
+    with pytest.raises(InvalidRequestError, match="PREFILL_CHUNKING=0"):
+        gen.prefill(*plain(sim.batch([cut])))
+    other = sim.request("another prompt", max_new_tokens=2)
+    with pytest.raises(InvalidRequestError, match="cached_batch needs chunked prefill"):
+        gen.prefill(*plain(sim.batch([other])), step.batch.id)
+    assert gen.decode([step.batch.id]).generations  # the running batch is untouched

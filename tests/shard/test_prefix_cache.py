@@ -59,7 +59,7 @@ def sims(request):
         out.append(sim)
     cached, plain = out
     assert cached.info.use_prefix_caching and not plain.info.use_prefix_caching
-    assert not cached.info.support_chunking
+    assert cached.info.support_chunking  # PREFILL_CHUNKING unset: on, as TGI
     assert len(tokenizer(SYSTEM)["input_ids"]) >= 60
     yield cached, plain
     for p in procs:

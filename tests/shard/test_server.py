@@ -94,7 +94,7 @@ def same(x, y, cancelled: bool = False):
 def test_info_and_discovery(shard: RouterSim):
     info = shard.info
     assert info.block_size >= 1 and not info.requires_padding
-    assert not info.support_chunking and info.use_prefix_caching  # PREFIX_CACHING=true
+    assert info.support_chunking and info.use_prefix_caching  # PREFIX_CACHING=true, PREFILL_CHUNKING unset
     device, dtype = shard.mode
     assert info.dtype == f"torch.{dtype}" and info.device_type == device
     # the backend's block size: 16 on CPU, 128 on NPU (head_dim <= 128)
