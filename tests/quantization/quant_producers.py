@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -156,10 +157,13 @@ def msmodelslim_tool_checkpoint(src: Path, out: Path, kind: str) -> Path:
         cfg = QuantConfig(w_bit=8, a_bit=8, disable_names=["lm_head"], dev_type="cpu",
                           act_method=1, pr=1.0, w_sym=True, mm_tensor=False,
                           is_dynamic=kind == "W8A8_DYNAMIC")
-    calibrator = Calibrator(model, cfg, calib_data=calib, disable_level="L0")
-    calibrator.run()
     _copy_side_files(src, out)
-    calibrator.save(str(out), save_type=["safe_tensor"])
+    # NOTE: the calibrator writes a features.npy into the current directory
+    with contextlib.chdir(out):
+        calibrator = Calibrator(model, cfg, calib_data=calib, disable_level="L0")
+        calibrator.run()
+        calibrator.save(str(out), save_type=["safe_tensor"])
+        Path("features.npy").unlink(missing_ok=True)
     return out
 
 

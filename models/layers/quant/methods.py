@@ -1,7 +1,7 @@
-"""The linear-method seam: a column/row-parallel linear holds one of these and does not know
-which scheme runs. ``FloatMethod``: a float weight (oneDNN on CPU). ``Int8Method``: an
-``Int8Linear`` run by the kernels of its ``QuantConfig.ops`` (cpu, npu, or the float64
-reference)."""
+"""The linear-method seam: a quantized column/row-parallel linear holds an ``Int8Method`` (its
+``Int8Linear``, run by the kernels of ``QuantConfig.ops``: cpu, npu, or the float64 reference)
+and does not know which format or scheme it came from; a linear without one runs its float
+weight (oneDNN on CPU)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ class Int8Method:
     def name(self) -> str:
         return f"{self.scheme.format} {self.scheme.label}"
 
-    # NOTE: msModelSlim W8A8's quant_bias already holds the float bias (vllm-ascend's static W8A8
-    # method passes quant_bias and ignores the layer bias); the float bias is consumed, not added.
+    # NOTE: msModelSlim W8A8's quant_bias already holds the float bias (round(bias / deq_scale),
+    # checked on msModelSlim 26.1.0's own export in test_msmodelslim_format.py; vllm-ascend's
+    # static W8A8 method likewise passes quant_bias only); the float bias is consumed, not added.
     @property
     def keeps_float_bias(self) -> bool:
         return not (self.scheme.format == "msmodelslim" and self.scheme.activations == "static")
