@@ -196,7 +196,7 @@ def test_otlp_endpoint_exports_spans_to_a_collector(bloom_dir):
         uds = f"{tempfile.gettempdir()}/tgi-cli-{uuid.uuid4().hex[:8]}"
         proc = start_shard(bloom_dir, uds, extra_args=["--otlp-endpoint", f"http://127.0.0.1:{port}",
                                                        "--otlp-service-name", "tgi-npu-test"])
-        RouterSim(f"{uds}-0", None).startup(max_prefill=32)
+        RouterSim(f"{uds}-0", None).startup(max_input=32, max_prefill=32)
         proc.terminate()
         assert proc.wait(30) == 0
     finally:

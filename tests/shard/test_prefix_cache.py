@@ -55,7 +55,7 @@ def sims(request):
             model_dir, uds, extra_args=extra, env={"PREFIX_CACHING": "1" if on else "0"}
         ))
         sim = RouterSim(f"{uds}-0", tokenizer, prefix_caching=on)
-        sim.startup(max_prefill=512)
+        sim.startup(max_input=512, max_prefill=512)
         out.append(sim)
     cached, plain = out
     assert cached.info.use_prefix_caching and not plain.info.use_prefix_caching

@@ -114,7 +114,7 @@ def live(bloom_dir):
         threading.Thread(target=lambda p=pipe: logs.extend(p), daemon=True).start()
     tokenizer = AutoTokenizer.from_pretrained(bloom_dir, truncation_side="left")
     sim = RouterSim(f"{uds}-0", tokenizer)
-    sim.startup(max_prefill=256)
+    sim.startup(max_input=256, max_prefill=256)
     normal = sim.request(NORMAL_TEXT, max_new_tokens=4)
     normal_ids = sim.run({0: [normal]})[normal.id].ids
     req = sim.request(SENTINEL_TEXT, max_new_tokens=2000, ignore_eos=True)
@@ -230,9 +230,11 @@ def probes(live: Live):
     yield "image only", "Prefill", prefill_of(req(lambda r: r.input_chunks.CopyFrom(pb.Input(
         chunks=[pb.InputChunk(image=pb.Image(data=b"x", mimetype="image/png"))])))), INVALID, "empty"
     yield "no requests", "Prefill", prefill_of(), INVALID, "no requests"
-    yield "cached_batch (no chunking)", "Prefill", pb.PrefillRequest(
-        batch=prefill_of(req()).batch, cached_batch=pb.CachedBatch(id=s.batch_id)), INVALID, \
-        "chunking"
+    yield "cached_batch unknown", "Prefill", pb.PrefillRequest(
+        batch=prefill_of(req()).batch, cached_batch=pb.CachedBatch(id=424242)), NOT_FOUND, \
+        "424242"
+    yield "chunk_len beyond the prompt", "Prefill", prefill_of(req(lambda r: setattr(
+        r, "chunk_len", 10_000))), INVALID, "chunk_len=10000"
     yield "prompt over --max-input-tokens", "Prefill", prefill_of(req(lambda r: setattr(
         r, "truncate", 0), text="word " * 600, max_new_tokens=1, truncate=2**31)), INVALID, \
         "more than --max-input-tokens"

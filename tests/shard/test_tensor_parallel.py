@@ -245,8 +245,8 @@ def two_sets(tp_dirs):
         (uds1, procs1), (uds2, procs2) = one.result(), two.result()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
     single, sharded = RouterSim(f"{uds1}-0", tokenizer), MergingRouter(f"{uds2}-0", tokenizer)
-    single.startup(max_prefill=256)
-    sharded.startup(max_prefill=256)
+    single.startup(max_input=256, max_prefill=256)
+    sharded.startup(max_input=256, max_prefill=256)
     yield single, sharded, procs2
     stop_set(procs1 + procs2)
 
@@ -333,7 +333,7 @@ def test_rank_in_a_collective_exits_when_its_peer_is_killed(tp_dirs):
     try:
         tokenizer = AutoTokenizer.from_pretrained(tp_dirs["bloom"], truncation_side="left")
         sim = RouterSim(f"{uds}-0", tokenizer)
-        sim.startup(max_prefill=128)
+        sim.startup(max_input=128, max_prefill=128)
         req = sim.request("The quick brown fox", max_new_tokens=4)
         os.kill(procs[1].pid, signal.SIGKILL)
         procs[1].wait()
@@ -412,8 +412,8 @@ def test_emulated_npu_two_ranks_serve_what_one_serves(tp_dirs, name, dtype, atol
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, truncation_side="left")
         single, sharded = RouterSim(f"{uds1}-0", tokenizer), MergingRouter(f"{uds2}-0", tokenizer)
-        single.startup(max_prefill=256)
-        sharded.startup(max_prefill=256)
+        single.startup(max_input=256, max_prefill=256)
+        sharded.startup(max_input=256, max_prefill=256)
         assert single.info.device_type == sharded.info.device_type == "npu-emulated"
         assert single.info.block_size == sharded.info.block_size == 128
         texts = ["The quick brown fox", "Hello 深度学习", "def add(a, b):", "Once upon a time"]
