@@ -62,6 +62,7 @@ async def _guard(work: Awaitable, stop: asyncio.Event, manager: ShardManager | N
 def settings_from(args: LauncherArgs) -> RouterSettings:
     return RouterSettings(
         model_id=args.model_id,
+        quantize=args.quantize,
         hostname=args.hostname,
         port=args.port,
         prometheus_port=args.prometheus_port,

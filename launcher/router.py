@@ -37,6 +37,7 @@ class RouterSettings:
     """The launcher flags the router itself uses."""
 
     model_id: str
+    quantize: str | None = None  # the resolved --quantize (the shards' weight scheme), for /info
     hostname: str = "127.0.0.1"
     port: int = 3000
     prometheus_port: int | None = None
@@ -62,7 +63,7 @@ class RouterSettings:
 
 def info_json(s: RouterSettings, limits: Limits, prefill_chunking: bool = False) -> dict:
     """TGI's ``/info`` body (no dtype/device fields, as in TGI 3.x), plus whether prompts enter
-    in chunks (the shard's support_chunking)."""
+    in chunks (the shard's support_chunking) and the weight quantization the shards serve."""
     return {
         "model_id": s.model_id,
         "model_sha": None,
@@ -79,6 +80,7 @@ def info_json(s: RouterSettings, limits: Limits, prefill_chunking: bool = False)
         "sha": None,
         "docker_label": None,
         "prefill_chunking": prefill_chunking,
+        "quantize": s.quantize,
     }
 
 

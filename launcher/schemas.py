@@ -209,6 +209,8 @@ class Info(Schema):
     docker_label: str | None
     # ours: prompts enter in chunks under max_batch_prefill_tokens (the shard's support_chunking)
     prefill_chunking: bool = False
+    # ours: the --quantize the shards serve (eetq, compressed-tensors, msmodelslim), None for float
+    quantize: str | None = None
 
 
 def details_json(
