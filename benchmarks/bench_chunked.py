@@ -34,29 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from router_sim import RouterSim, start_shard  # noqa: E402
-
-WORDS = "the a of NPU paged block cache token prompt stream decode model batch router shard".split()
-
+from router_sim import WORDS, RouterSim, start_shard, text_of_tokens  # noqa: E402
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def text_of_tokens(tokenizer, seed: int, n: int) -> str:
-    import random
-
-    rng = random.Random(seed)
-    pool = [rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(n)]
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(tokenizer(" ".join(pool[:mid]))["input_ids"]) <= n:
-            lo = mid
-        else:
-            hi = mid - 1
-    return " ".join(pool[:lo])
 
 
 def run_mode(sim: RouterSim, chunked: bool, longs: list[str], max_prefill: int,

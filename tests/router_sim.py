@@ -12,6 +12,7 @@ generations are concatenated, as the router's sharded client does.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -52,6 +53,29 @@ class Result:
     finish_reason: int | None = None
     seed: int | None = None
     generated_tokens: int | None = None
+
+
+WORDS = "the a of NPU paged block cache token prompt stream decode model batch router shard".split()
+
+
+def words(seed: int, n: int) -> list[str]:
+    """``n`` seeded random words (a word and a number: several tokens each)."""
+    rng = random.Random(seed)
+    return [rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(n)]
+
+
+def text_of_tokens(tokenizer, seed: int, n: int) -> str:
+    """The longest text of seeded random words that tokenizes to at most ``n`` tokens (each
+    prefix of the words is a prefix of the tokens: byte-level BPE splits at the spaces)."""
+    pool = words(seed, n)
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer(" ".join(pool[:mid]))["input_ids"]) <= n:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(pool[:lo])
 
 
 def params(**kw) -> pb.NextTokenChooserParameters:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import tempfile
 import uuid
 
 import pytest
-from router_sim import RouterSim, start_shard
+from router_sim import RouterSim, start_shard, text_of_tokens, words
 from transformers import AutoTokenizer
 
-WORDS = "the a of NPU paged block cache token prompt stream decode model batch router shard".split()
 STREAMS = 8
 
 # (model fixture, long prompt tokens, max_batch_prefill_tokens, prefix caching)
@@ -30,24 +28,6 @@ CASES = [
     pytest.param(("gemma_mqa_dir", 1000, 256, False, "npu-emulated", "bfloat16"),
                  id="gemma-npu-emulated-bf16", marks=pytest.mark.slow),
 ]
-
-
-def words(seed: int, n: int) -> list[str]:
-    rng = random.Random(seed)
-    return [rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(n)]
-
-
-def text_of_tokens(tokenizer, seed: int, n: int) -> str:
-    """The longest text of seeded random words that tokenizes to at most ``n`` tokens."""
-    pool = words(seed, n)
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(tokenizer(" ".join(pool[:mid]))["input_ids"]) <= n:
-            lo = mid
-        else:
-            hi = mid - 1
-    return " ".join(pool[:lo])
 
 
 @pytest.fixture(scope="module", params=CASES)
