@@ -26,21 +26,14 @@ from tgi_npu_backend.launcher.radix import RadixAllocator
 from tgi_npu_backend.launcher.warmup import build_warmup_request
 from tgi_npu_backend.pb import generate_pb2 as pb
 from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
+from tgi_npu_backend.wire import batch_requests
 
 U64_MAX = 2**64 - 1
 
 
 def plain(batch: pb.Batch) -> tuple[int, list]:
     """A protobuf batch as the in-process ``Generator.prefill`` takes it (id, RequestSpecs)."""
-    from tgi_npu_backend.wire import batch_requests
-
     return batch.id, batch_requests(batch)
-
-
-def batch_requests(batch: pb.Batch) -> list:
-    from tgi_npu_backend.wire import batch_requests as specs
-
-    return specs(batch)
 @dataclass
 class Result:
     ids: list[int] = field(default_factory=list)
