@@ -49,6 +49,10 @@ class _DecodePlan:
     invalid: Tensor  # [N, 1, 1, bs] bool, key positions past the sequence's end
     last: Tensor  # [B] int64 index (into N) of each sequence's last block
     last_invalid: Tensor  # [B, 1, bs, 1] bool, unwritten tail of that last block
+    # Runs of consecutive cache blocks among the blocks before each sequence's last one, as
+    # (first cache block, blocks, first index into N): read in place, without a gather. None when
+    # the blocks are too scattered for that to pay (see ``_runs``).
+    runs: list[tuple[int, int, int]] | None
 
 
 @dataclass
@@ -121,6 +125,7 @@ class CpuBackend(ReferenceBackend):
             invalid=invalid.view(total, 1, 1, bs),
             last=last,
             last_invalid=invalid[last].view(-1, 1, bs, 1),
+            runs=_runs(blocks, seq_of, last),
         )
 
     @staticmethod
@@ -212,6 +217,8 @@ class CpuBackend(ReferenceBackend):
         _, kv_heads, bs, _ = key_cache.shape
         group = heads // kv_heads
         p: _DecodePlan = plan_of(meta, self.name).attention
+        if p.runs is not None and key_cache.dtype == torch.float32:
+            return _decode_in_place(query, key_cache, value_cache, p, scale, alibi_slopes)
         n = p.blocks.shape[0]
         k = key_cache.index_select(0, p.blocks).float()  # [N, KVH, bs, D]
         v = value_cache.index_select(0, p.blocks).float()
@@ -284,3 +291,87 @@ class CpuBackend(ReferenceBackend):
             o = o.transpose(1, 2).reshape(g.b * g.q, heads, d).index_select(0, g.q_dst)
             out.index_copy_(0, g.tokens, o.to(query.dtype))
         return out
+
+
+# ---------------------------------------------------------------------- decode without a gather
+# NOTE: measured on the 2-core CPU this project benchmarks on (BLOOM-560m shape, float32, 32
+# sequences of 16-224 tokens): gathering every block a decode step reads copies the whole K/V
+# working set once more per layer. Reading runs of consecutive blocks where they lie in the cache
+# (one ``bmm`` per run, written into its rows of the scores) saves that copy; a run costs two
+# kernel calls per layer, so the blocks must come in runs of 2 or more on average for it to pay.
+MIN_MEAN_RUN = 2
+
+
+def _runs(blocks: Tensor, seq_of: Tensor, last: Tensor) -> list[tuple[int, int, int]] | None:
+    """Runs of consecutive cache block ids within each sequence, over every block but the
+    sequences' last ones (those may hold stale values past the sequence's end and are gathered
+    and cleaned instead); ``None`` when the runs are too short to pay."""
+    n = blocks.shape[0]
+    full = torch.ones(n, dtype=torch.bool)
+    full[last] = False
+    count = int(full.sum())
+    if count == 0:
+        return None
+    joins = torch.zeros(n, dtype=torch.bool)  # block i continues block i - 1's run
+    joins[1:] = (blocks[1:] == blocks[:-1] + 1) & (seq_of[1:] == seq_of[:-1])
+    start = full & ~joins
+    firsts = start.nonzero().flatten()
+    if firsts.numel() * MIN_MEAN_RUN > count:
+        return None
+    run_of = start.cumsum(0) - 1
+    lengths = torch.bincount(run_of[full], minlength=firsts.numel())
+    return list(zip(blocks[firsts].tolist(), lengths.tolist(), firsts.tolist()))
+
+
+def _decode_in_place(
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    p: _DecodePlan,
+    scale: float,
+    alibi_slopes: Tensor | None,
+) -> Tensor:
+    """``CpuBackend.decode`` for a float32 cache whose blocks come in runs: the same scores,
+    softmax and sums, with each run's K/V read where it lies."""
+    b, heads, d = query.shape
+    _, kv_heads, bs, _ = key_cache.shape
+    group = heads // kv_heads
+    n = p.blocks.shape[0]
+    rows = kv_heads  # rows of the [N * KVH, ...] bmm batches per block
+    last_blocks = p.blocks.index_select(0, p.last)
+    last_k = key_cache.index_select(0, last_blocks)  # [B, KVH, bs, D]
+    last_v = value_cache.index_select(0, last_blocks).masked_fill_(p.last_invalid, 0.0)
+    q = query.float().view(b, kv_heads, group, d).index_select(0, p.seq_of)  # [N, KVH, G, D]
+    qf = q.view(n * rows, group, d)
+    scores = torch.empty(n * rows, group, bs)
+    for block, count, i in p.runs:
+        kt = key_cache[block : block + count].view(count * rows, bs, d).transpose(1, 2)
+        torch.bmm(qf[i * rows : (i + count) * rows], kt, out=scores[i * rows : (i + count) * rows])
+    scores = scores.view(n, kv_heads, group, bs)
+    q_last = q.index_select(0, p.last).view(b * rows, group, d)
+    last_scores = torch.bmm(q_last, last_k.view(b * rows, bs, d).transpose(1, 2))
+    # only the last blocks have key positions past the end: mask them there (-inf stays -inf
+    # through the scale and the finite ALiBi bias below)
+    last_scores = last_scores.view(b, kv_heads, group, bs).masked_fill_(
+        p.last_invalid.view(b, 1, 1, bs), NEG_INF)
+    scores.index_copy_(0, p.last, last_scores)
+    scores.mul_(scale)
+    if alibi_slopes is not None:
+        scores.add_(alibi_slopes.view(1, kv_heads, group, 1) * p.rel)
+    block_max = scores.amax(-1)  # [N, KVH, G]
+    seq_max = torch.full((b, kv_heads, group), NEG_INF)
+    seq_max.scatter_reduce_(0, p.seq_of.view(n, 1, 1).expand_as(block_max), block_max, "amax")
+    probs = scores.sub_(seq_max.index_select(0, p.seq_of)[..., None]).exp_()  # unnormalised
+    norm = torch.zeros_like(seq_max).index_add_(0, p.seq_of, probs.sum(-1))  # [B, KVH, G]
+    pf = probs.view(n * rows, group, bs)
+    partial = torch.empty(n * rows, group, d)
+    for block, count, i in p.runs:
+        v = value_cache[block : block + count].view(count * rows, bs, d)
+        torch.bmm(pf[i * rows : (i + count) * rows], v, out=partial[i * rows : (i + count) * rows])
+    partial = partial.view(n, kv_heads, group, d)
+    p_last = probs.index_select(0, p.last).view(b * rows, group, bs)
+    partial.index_copy_(
+        0, p.last, torch.bmm(p_last, last_v.view(b * rows, bs, d)).view(b, kv_heads, group, d)
+    )
+    out = torch.zeros(b, kv_heads, group, d).index_add_(0, p.seq_of, partial)
+    return out.div_(norm[..., None]).view(b, heads, d).to(query.dtype)

@@ -13,6 +13,7 @@ from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.bloom import BloomForCausalLM
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.gemma import GemmaForCausalLM
+from tgi_npu_backend.models.layers.linear import pack_cpu_weights
 from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.weights import Weights
 
@@ -55,4 +56,5 @@ def load_model(
     )
     model.load_weights(weights)
     weights.check_all_used(model.allowed_unused())
+    pack_cpu_weights(model)
     return model.eval()

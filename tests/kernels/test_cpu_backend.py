@@ -29,12 +29,13 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def check(passes, totals, block_size, kv_heads, dtype, alibi, seed=0, poison=False):
+def check(passes, totals, block_size, kv_heads, dtype, alibi, seed=0, poison=False, tables=None):
     """Run ``passes`` ``(seqs, spans, is_prefill)`` on both backends (same data, same block ids);
     each output must match the dense oracle and the reference backend."""
     slopes = bloom_slopes(HEADS) if alibi else None
-    fast = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=CpuBackend())
-    ref = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=ReferenceBackend())
+    fast = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=CpuBackend(), tables=tables)
+    ref = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=ReferenceBackend(),
+                tables=tables)
     for seqs, spans, is_prefill in passes:
         out, expected = fast.run(seqs, spans, slopes, is_prefill)
         ref_out, _ = ref.run(seqs, spans, slopes, is_prefill)
@@ -104,6 +105,40 @@ def test_prefill_groups_of_skewed_lengths(kv_heads, alibi):
     seqs = range(len(lens))
     passes = [(seqs, [(0, n) for n in lens], True), (seqs, [(n, n + 1) for n in lens], False)]
     check(passes, [n + 1 for n in lens], 16, kv_heads, torch.float32, alibi, seed=4)
+
+
+# Block tables for sequences of 70, 5, 40 and 33 tokens (block size 16, + 2 decode steps): the
+# first two runs of consecutive blocks, one broken in the middle, one sequence with a single block.
+RUN_TABLES = [[1, 2, 3, 4, 5], [23], [8, 9, 20], [12, 13, 14]]
+
+
+def _decode_runs(tables, lens, block_size=16):
+    meta = Paged(lens, block_size, 1, torch.float32, tables=tables).meta(
+        range(len(lens)), [(n - 1, n) for n in lens], False)
+    return CpuBackend().prepare(meta).plan.attention.runs
+
+
+def test_decode_plan_reads_runs_of_consecutive_blocks_in_place():
+    lens = [70, 5, 40, 33]
+    # every block but each sequence's last, as (first block, blocks, index among all blocks)
+    assert _decode_runs(RUN_TABLES, lens) == [(1, 4, 0), (8, 2, 6), (12, 2, 9)]
+    scattered = [[1, 10, 3, 15, 5], [23], [8, 2, 20], [13, 7, 14]]
+    assert _decode_runs(scattered, lens) is None  # runs of 1: a gather is cheaper
+    assert _decode_runs([[4], [3], [9], [7]], [5, 5, 5, 5]) is None  # nothing before a last block
+
+
+@KV_HEADS
+@ALIBI
+@pytest.mark.parametrize("poison", [False, True], ids=["clean", "nan-cache"])
+def test_decode_in_place_over_runs(kv_heads, alibi, poison):
+    """The run path (float32, blocks in runs) against the oracle and the reference, with NaN in
+    every unwritten slot (the tails of the last blocks must not leak into the sums)."""
+    prompts = [68, 3, 38, 31]
+    seqs = range(len(prompts))
+    passes = [(seqs, [(0, n) for n in prompts], True)]
+    passes += [(seqs, [(n + s, n + s + 1) for n in prompts], False) for s in range(2)]
+    check(passes, [n + 2 for n in prompts], 16, kv_heads, torch.float32, alibi, seed=6,
+          poison=poison, tables=RUN_TABLES)
 
 
 @ALIBI

@@ -70,7 +70,9 @@ def naive_attention(q, k, v, q_pos, scale, slopes):
 class Paged:
     """A tiny block manager: full K/V/Q per sequence, random block ids, slot helpers."""
 
-    def __init__(self, totals, block_size, kv_heads, dtype, seed=0, poison=False, backend=None):
+    def __init__(self, totals, block_size, kv_heads, dtype, seed=0, poison=False, backend=None,
+                 tables=None):
+        """``tables``: the block ids of each sequence (default: random, never block 0)."""
         g = torch.Generator().manual_seed(seed)
         self.block_size = block_size
         free = (torch.randperm(NUM_BLOCKS - 1, generator=g) + 1).tolist()  # never block 0
@@ -79,6 +81,8 @@ class Paged:
             need = -(-n // block_size)
             self.tables.append(free[:need])
             free = free[need:]
+        if tables is not None:
+            self.tables = [list(t) for t in tables]
         self.q = [torch.randn(n, HEADS, HEAD_DIM, generator=g).to(dtype) for n in totals]
         self.k = [torch.randn(n, kv_heads, HEAD_DIM, generator=g).to(dtype) for n in totals]
         self.v = [torch.randn(n, kv_heads, HEAD_DIM, generator=g).to(dtype) for n in totals]

@@ -91,9 +91,10 @@ def weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in [*model.parameters(), *model.buffers()]:
-        if t.data_ptr() in seen:
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-packed weights have no storage
+        if key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 
