@@ -217,32 +217,39 @@ class CpuBackend(ReferenceBackend):
         _, kv_heads, bs, _ = key_cache.shape
         group = heads // kv_heads
         p: _DecodePlan = plan_of(meta, self.name).attention
-        if p.runs is not None and key_cache.dtype == torch.float32:
-            return _decode_in_place(query, key_cache, value_cache, p, scale, alibi_slopes)
         n = p.blocks.shape[0]
-        k = key_cache.index_select(0, p.blocks).float()  # [N, KVH, bs, D]
-        v = value_cache.index_select(0, p.blocks).float()
-        # NOTE: probabilities are 0 past a sequence's end, but 0 * NaN = NaN: unwritten slots of
-        # the last blocks (which may hold anything) are zeroed in V; in the scores they are masked.
-        v[p.last] = v[p.last].masked_fill(p.last_invalid, 0.0)
         # Query head h uses KV head h // group: [B, KVH, G, D] per block, never repeating K/V.
         q = query.float().view(b, kv_heads, group, d).index_select(0, p.seq_of)  # [N, KVH, G, D]
-        kt = k.view(n * kv_heads, bs, d).transpose(1, 2)
-        if alibi_slopes is not None:
-            bias = alibi_slopes.view(1, kv_heads, group, 1) * p.rel  # [N, KVH, G, bs]
-            scores = torch.baddbmm(bias.view(n * kv_heads, group, bs), q.view(-1, group, d), kt, alpha=scale)
+        bias = None if alibi_slopes is None else alibi_slopes.view(1, kv_heads, group, 1) * p.rel
+        in_place = p.runs is not None and key_cache.dtype == torch.float32
+        if in_place:
+            scores = _run_scores(q, key_cache, p).mul_(scale)  # -inf stays -inf
+            if bias is not None:
+                scores.add_(bias)
         else:
-            scores = torch.bmm(q.view(-1, group, d), kt).mul_(scale)
-        scores = scores.view(n, kv_heads, group, bs).masked_fill_(p.invalid, NEG_INF)
+            k = key_cache.index_select(0, p.blocks).float()  # [N, KVH, bs, D]
+            v = value_cache.index_select(0, p.blocks).float()
+            # NOTE: probabilities are 0 past a sequence's end, but 0 * NaN = NaN: unwritten slots
+            # of the last blocks (which may hold anything) are zeroed in V; masked in the scores.
+            v[p.last] = v[p.last].masked_fill(p.last_invalid, 0.0)
+            kt = k.view(n * kv_heads, bs, d).transpose(1, 2)
+            if bias is not None:  # [N, KVH, G, bs]
+                scores = torch.baddbmm(bias.view(n * kv_heads, group, bs), q.view(-1, group, d), kt, alpha=scale)
+            else:
+                scores = torch.bmm(q.view(-1, group, d), kt).mul_(scale)
+            scores = scores.view(n, kv_heads, group, bs).masked_fill_(p.invalid, NEG_INF)
         # softmax over all blocks of a sequence
         block_max = scores.amax(-1)  # [N, KVH, G]
         seq_max = torch.full((b, kv_heads, group), NEG_INF, device=query.device)
         seq_max.scatter_reduce_(0, p.seq_of.view(n, 1, 1).expand_as(block_max), block_max, "amax")
-        probs = (scores - seq_max.index_select(0, p.seq_of)[..., None]).exp_()  # unnormalised
+        probs = scores.sub_(seq_max.index_select(0, p.seq_of)[..., None]).exp_()  # unnormalised
         norm = torch.zeros_like(seq_max).index_add_(0, p.seq_of, probs.sum(-1))  # [B, KVH, G]
-        out = torch.bmm(probs.view(-1, group, bs), v.view(n * kv_heads, bs, d))  # [N*KVH, G, D]
+        if in_place:
+            partial = _run_values(probs, value_cache, p)
+        else:
+            partial = torch.bmm(probs.view(-1, group, bs), v.view(n * kv_heads, bs, d))
         out = torch.zeros(b, kv_heads, group, d, device=query.device).index_add_(
-            0, p.seq_of, out.view(n, kv_heads, group, d)
+            0, p.seq_of, partial.view(n, kv_heads, group, d)
         )
         return out.div_(norm[..., None]).view(b, heads, d).to(query.dtype)
 
@@ -323,55 +330,40 @@ def _runs(blocks: Tensor, seq_of: Tensor, last: Tensor) -> list[tuple[int, int, 
     return list(zip(blocks[firsts].tolist(), lengths.tolist(), firsts.tolist()))
 
 
-def _decode_in_place(
-    query: Tensor,
-    key_cache: Tensor,
-    value_cache: Tensor,
-    p: _DecodePlan,
-    scale: float,
-    alibi_slopes: Tensor | None,
-) -> Tensor:
-    """``CpuBackend.decode`` for a float32 cache whose blocks come in runs: the same scores,
-    softmax and sums, with each run's K/V read where it lies."""
-    b, heads, d = query.shape
-    _, kv_heads, bs, _ = key_cache.shape
-    group = heads // kv_heads
-    n = p.blocks.shape[0]
-    rows = kv_heads  # rows of the [N * KVH, ...] bmm batches per block
-    last_blocks = p.blocks.index_select(0, p.last)
-    last_k = key_cache.index_select(0, last_blocks)  # [B, KVH, bs, D]
-    last_v = value_cache.index_select(0, last_blocks).masked_fill_(p.last_invalid, 0.0)
-    q = query.float().view(b, kv_heads, group, d).index_select(0, p.seq_of)  # [N, KVH, G, D]
-    qf = q.view(n * rows, group, d)
-    scores = torch.empty(n * rows, group, bs)
+def _run_scores(q: Tensor, key_cache: Tensor, p: _DecodePlan) -> Tensor:
+    """``q . k`` ``[N, KVH, G, bs]`` with each run's keys read where they lie in a float32 cache;
+    the last blocks are gathered, and masked past each sequence's end."""
+    n, kv_heads, group, d = q.shape
+    b, bs = p.last.shape[0], key_cache.shape[2]
+    qf = q.view(n * kv_heads, group, d)
+    scores = torch.empty(n * kv_heads, group, bs)
     for block, count, i in p.runs:
-        kt = key_cache[block : block + count].view(count * rows, bs, d).transpose(1, 2)
-        torch.bmm(qf[i * rows : (i + count) * rows], kt, out=scores[i * rows : (i + count) * rows])
+        kt = key_cache[block : block + count].view(count * kv_heads, bs, d).transpose(1, 2)
+        rows = slice(i * kv_heads, (i + count) * kv_heads)
+        torch.bmm(qf[rows], kt, out=scores[rows])
     scores = scores.view(n, kv_heads, group, bs)
-    q_last = q.index_select(0, p.last).view(b * rows, group, d)
-    last_scores = torch.bmm(q_last, last_k.view(b * rows, bs, d).transpose(1, 2))
-    # only the last blocks have key positions past the end: mask them there (-inf stays -inf
-    # through the scale and the finite ALiBi bias below)
-    last_scores = last_scores.view(b, kv_heads, group, bs).masked_fill_(
-        p.last_invalid.view(b, 1, 1, bs), NEG_INF)
-    scores.index_copy_(0, p.last, last_scores)
-    scores.mul_(scale)
-    if alibi_slopes is not None:
-        scores.add_(alibi_slopes.view(1, kv_heads, group, 1) * p.rel)
-    block_max = scores.amax(-1)  # [N, KVH, G]
-    seq_max = torch.full((b, kv_heads, group), NEG_INF)
-    seq_max.scatter_reduce_(0, p.seq_of.view(n, 1, 1).expand_as(block_max), block_max, "amax")
-    probs = scores.sub_(seq_max.index_select(0, p.seq_of)[..., None]).exp_()  # unnormalised
-    norm = torch.zeros_like(seq_max).index_add_(0, p.seq_of, probs.sum(-1))  # [B, KVH, G]
-    pf = probs.view(n * rows, group, bs)
-    partial = torch.empty(n * rows, group, d)
+    last_k = key_cache.index_select(0, p.blocks.index_select(0, p.last))  # [B, KVH, bs, D]
+    q_last = q.index_select(0, p.last).view(b * kv_heads, group, d)
+    last = torch.bmm(q_last, last_k.view(b * kv_heads, bs, d).transpose(1, 2))
+    # only the last blocks have key positions past the end
+    last = last.view(b, kv_heads, group, bs).masked_fill_(p.last_invalid.view(b, 1, 1, bs), NEG_INF)
+    return scores.index_copy_(0, p.last, last)
+
+
+def _run_values(probs: Tensor, value_cache: Tensor, p: _DecodePlan) -> Tensor:
+    """``probs @ v`` per block ``[N, KVH, G, D]``, each run's values read in place; the last
+    blocks are gathered with their unwritten tails zeroed (0 * NaN would be NaN)."""
+    n, kv_heads, group, bs = probs.shape
+    b, d = p.last.shape[0], value_cache.shape[3]
+    pf = probs.view(n * kv_heads, group, bs)
+    partial = torch.empty(n * kv_heads, group, d)
     for block, count, i in p.runs:
-        v = value_cache[block : block + count].view(count * rows, bs, d)
-        torch.bmm(pf[i * rows : (i + count) * rows], v, out=partial[i * rows : (i + count) * rows])
+        v = value_cache[block : block + count].view(count * kv_heads, bs, d)
+        rows = slice(i * kv_heads, (i + count) * kv_heads)
+        torch.bmm(pf[rows], v, out=partial[rows])
     partial = partial.view(n, kv_heads, group, d)
-    p_last = probs.index_select(0, p.last).view(b * rows, group, bs)
-    partial.index_copy_(
-        0, p.last, torch.bmm(p_last, last_v.view(b * rows, bs, d)).view(b, kv_heads, group, d)
-    )
-    out = torch.zeros(b, kv_heads, group, d).index_add_(0, p.seq_of, partial)
-    return out.div_(norm[..., None]).view(b, heads, d).to(query.dtype)
+    last_v = value_cache.index_select(0, p.blocks.index_select(0, p.last))
+    last_v.masked_fill_(p.last_invalid, 0.0)
+    p_last = probs.index_select(0, p.last).view(b * kv_heads, group, bs)
+    last = torch.bmm(p_last, last_v.view(b * kv_heads, bs, d)).view(b, kv_heads, group, d)
+    return partial.index_copy_(0, p.last, last)
