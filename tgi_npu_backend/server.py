@@ -2,7 +2,12 @@
 Generator in plain values) and the serve loop on ``unix://{uds_path}-{rank}``.
 
 Generator calls run on one worker thread, in arrival order (the router sends Prefill/Decode
-strictly one after another), so the event loop stays free for Health and signals.
+strictly one after another), so the event loop stays free for Health and signals. The model is
+loaded on that same thread: torch's OpenMP runtime (libgomp) keeps a team of worker threads for
+every thread that runs a parallel op, and once two teams exist there are more of its threads than
+cores, so it stops spin-waiting between ops and every op pays a futex wake-up. Loading on the main
+thread and stepping on the worker made a bloom-560m batch-1 decode step ~1.45x slower on 2 cores
+(``benchmarks/bench_throughput.py``; the README's Performance section).
 """
 
 from __future__ import annotations
@@ -26,11 +31,18 @@ from .generator import Generator
 from .interceptor import ExceptionInterceptor
 
 
+def torch_thread() -> ThreadPoolExecutor:
+    """The single thread that loads the model and then runs every Generator call."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+
+
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, generator: Generator, server_urls: list[str]):
+    def __init__(self, generator: Generator, server_urls: list[str],
+                 worker: ThreadPoolExecutor | None = None):
         self.generator = generator
         self.server_urls = server_urls
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+        # the thread that loaded the model (serve): every torch op runs on it
+        self._worker = worker or torch_thread()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -76,7 +88,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return wire.step_pb(out, pb.DecodeResponse)
 
 
-async def serve_async(config: ServerConfig, generator: Generator) -> bool:
+async def serve_async(config: ServerConfig, generator: Generator, worker: ThreadPoolExecutor) -> bool:
     """Serve until SIGINT/SIGTERM (returns False) or a fatal error (returns True)."""
     stop = asyncio.Event()
     fatal = asyncio.Event()
@@ -104,7 +116,7 @@ async def serve_async(config: ServerConfig, generator: Generator) -> bool:
         ],
     )
     pb_grpc.add_TextGenerationServiceServicer_to_server(
-        TextGenerationService(generator, config.server_urls), server
+        TextGenerationService(generator, config.server_urls, worker), server
     )
     names = (pb.DESCRIPTOR.services_by_name["TextGenerationService"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
@@ -134,8 +146,14 @@ async def serve_async(config: ServerConfig, generator: Generator) -> bool:
 def serve(config: ServerConfig) -> None:
     from .load import build_generator
 
-    generator = build_generator(config)  # the model is loaded before any socket exists
-    if asyncio.run(serve_async(config, generator)):
+    worker = torch_thread()
+    try:
+        # the model is loaded before any socket exists, on the thread that will run it
+        generator = worker.submit(build_generator, config).result()
+    except KeyboardInterrupt:
+        # the loading thread cannot be interrupted, and interpreter shutdown would join it
+        abort_process(f"rank {config.rank}: interrupted while loading the model")
+    if asyncio.run(serve_async(config, generator, worker)):
         # A fatal error (device OOM, a tensor-parallel peer gone): exit non-zero at once, without
         # joining the generator thread, which may still be blocked in a collective.
         abort_process(f"rank {config.rank}: stopped after a fatal error (logged above)")

@@ -1,0 +1,62 @@
+"""Every torch op of a serving shard runs on one thread: the one that loaded the model.
+
+torch's OpenMP runtime (libgomp) keeps a team of worker threads per thread that runs a parallel
+op; a second team (the model loaded on the main thread, steps run on the generator thread) puts
+more of its threads than cores on a small host, and libgomp then stops spin-waiting between ops.
+That made a bloom-560m decode step ~1.45x slower on 2 cores (the README's Performance section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import uuid
+
+import grpc
+
+from tgi_npu_backend import load, server
+from tgi_npu_backend.config import ServerConfig
+from tgi_npu_backend.pb import generate_pb2 as pb
+from tgi_npu_backend.pb import generate_pb2_grpc as pb_grpc
+
+
+class RecordingGenerator:
+    """Records the thread of every Generator call the RPCs make."""
+
+    def __init__(self):
+        self.threads: dict[str, int] = {"load": threading.get_ident()}
+
+    def clear(self, batch_id):
+        self.threads["clear"] = threading.get_ident()
+
+    def health(self):
+        self.threads["health"] = threading.get_ident()
+
+
+def test_the_model_loads_on_the_thread_that_runs_the_steps(monkeypatch):
+    built: list[RecordingGenerator] = []
+    monkeypatch.setattr(load, "build_generator", lambda config: built.append(RecordingGenerator()) or built[0])
+    path = f"{tempfile.gettempdir()}/tgi-thread-{uuid.uuid4().hex[:8]}"
+
+    async def drive(config, generator, worker):
+        service = grpc.aio.server()
+        pb_grpc.add_TextGenerationServiceServicer_to_server(
+            server.TextGenerationService(generator, [f"unix://{path}"], worker), service)
+        service.add_insecure_port(f"unix://{path}")
+        await service.start()
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{path}") as channel:
+                stub = pb_grpc.TextGenerationServiceStub(channel)
+                await stub.ClearCache(pb.ClearCacheRequest(id=1))
+                await stub.Health(pb.HealthRequest())
+        finally:
+            await service.stop(0)
+        return False  # no fatal error
+
+    monkeypatch.setattr(server, "serve_async", drive)
+    server.serve(ServerConfig(model_id="unused", device="cpu"))
+    [gen] = built
+    assert set(gen.threads) == {"load", "clear", "health"}
+    assert len(set(gen.threads.values())) == 1, gen.threads
+    assert gen.threads["load"] != threading.get_ident(), "not the main thread: it runs the event loop"
