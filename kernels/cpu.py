@@ -17,13 +17,15 @@ store); what differs is how the work is laid out:
 
 Scores, softmax and the weighted sum run in float32 for every cache dtype, as in the reference.
 The per-step index tensors depend only on the metadata: ``prepare`` builds them once per forward
-pass, and every layer reads them from ``meta.plan``.
+pass (a decode pass's with numpy, on the host copies of the metadata), and every layer reads them
+from ``meta.plan``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -98,33 +100,34 @@ class CpuBackend(ReferenceBackend):
             attention: _DecodePlan | list[_PrefillGroup] = self._decode_plan(meta, meta.block_size)
         else:
             attention = self._prefill_plan(meta)
-        return with_plan(meta, _CpuPlan(attention, bool((meta.slot_mapping >= 0).all())))
+        store_all = bool(meta.slot_mapping.numpy().min(initial=0) >= 0)
+        return with_plan(meta, _CpuPlan(attention, store_all))
 
     @staticmethod
     def _decode_plan(meta: AttentionMetadata, bs: int) -> _DecodePlan:
-        device = meta.block_tables.device
-        counts = [-(-n // bs) for n in meta.seq_lens_list]  # blocks per sequence
-        total = sum(counts)
-        seq_of = torch.repeat_interleave(
-            torch.arange(len(counts), device=device),
-            torch.tensor(counts, device=device),
-            output_size=total,
-        )
-        starts = torch.tensor([0, *counts], device=device).cumsum(0)
-        index = torch.arange(total, device=device) - starts[seq_of]  # block index in its sequence
-        blocks = meta.block_tables[seq_of, index].long()
-        key_pos = index[:, None] * bs + torch.arange(bs, device=device)  # [N, bs]
-        query_pos = meta.seq_lens.long()[seq_of] - 1  # [N]
-        rel = key_pos - query_pos[:, None]
+        # NOTE: built with numpy on host arrays (this backend's tensors are host memory): a
+        # few dozen ops on [blocks]-sized index arrays cost ~1 us each in numpy and ~5-10 us as
+        # torch ops, and this runs on every decode step (benchmarks/bench_throughput.py's host
+        # time per step).
+        seq_lens = np.asarray(meta.seq_lens_list, dtype=np.int64)
+        counts = -(-seq_lens // bs)  # blocks per sequence
+        starts = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        seq_of = np.repeat(np.arange(len(counts)), counts)
+        index = np.arange(starts[-1]) - starts[seq_of]  # block index in its sequence
+        blocks = meta.block_tables.numpy()[seq_of, index].astype(np.int64)
+        key_pos = index[:, None] * bs + np.arange(bs)  # [N, bs]
+        rel = key_pos - (seq_lens - 1)[seq_of][:, None]  # key position - query position
         invalid = rel > 0
         last = starts[1:] - 1
+        n = len(blocks)
         return _DecodePlan(
-            blocks=blocks,
-            seq_of=seq_of,
-            rel=rel.float().view(total, 1, 1, bs),
-            invalid=invalid.view(total, 1, 1, bs),
-            last=last,
-            last_invalid=invalid[last].view(-1, 1, bs, 1),
+            blocks=torch.from_numpy(blocks),
+            seq_of=torch.from_numpy(seq_of),
+            rel=torch.from_numpy(rel.astype(np.float32)).view(n, 1, 1, bs),
+            invalid=torch.from_numpy(invalid).view(n, 1, 1, bs),
+            last=torch.from_numpy(last),
+            last_invalid=torch.from_numpy(invalid[last]).view(-1, 1, bs, 1),
             runs=_runs(blocks, seq_of, last),
         )
 
@@ -309,24 +312,24 @@ class CpuBackend(ReferenceBackend):
 MIN_MEAN_RUN = 2
 
 
-def _runs(blocks: Tensor, seq_of: Tensor, last: Tensor) -> list[tuple[int, int, int]] | None:
+def _runs(blocks: np.ndarray, seq_of: np.ndarray, last: np.ndarray) -> list[tuple[int, int, int]] | None:
     """Runs of consecutive cache block ids within each sequence, over every block but the
     sequences' last ones (those may hold stale values past the sequence's end and are gathered
     and cleaned instead); ``None`` when the runs are too short to pay."""
-    n = blocks.shape[0]
-    full = torch.ones(n, dtype=torch.bool)
+    n = len(blocks)
+    full = np.ones(n, dtype=bool)
     full[last] = False
     count = int(full.sum())
     if count == 0:
         return None
-    joins = torch.zeros(n, dtype=torch.bool)  # block i continues block i - 1's run
+    joins = np.zeros(n, dtype=bool)  # block i continues block i - 1's run
     joins[1:] = (blocks[1:] == blocks[:-1] + 1) & (seq_of[1:] == seq_of[:-1])
     start = full & ~joins
-    firsts = start.nonzero().flatten()
-    if firsts.numel() * MIN_MEAN_RUN > count:
+    firsts = np.flatnonzero(start)
+    if len(firsts) * MIN_MEAN_RUN > count:
         return None
-    run_of = start.cumsum(0) - 1
-    lengths = torch.bincount(run_of[full], minlength=firsts.numel())
+    run_of = np.cumsum(start) - 1
+    lengths = np.bincount(run_of[full], minlength=len(firsts))
     return list(zip(blocks[firsts].tolist(), lengths.tolist(), firsts.tolist()))
 
 
