@@ -4,14 +4,18 @@ like with like.
 
     python benchmarks/bench_quant.py [--model-dir DIR] [--steps 16] [--batches 1 32] [--threads N]
 
-* float32: the float checkpoint as served (oneDNN float32 linears).
+* float32: the float checkpoint as served (oneDNN float32 linears, packed at load).
 * W8A16: ``--quantize eetq`` (int8 per-channel weights quantized at load;
-  ``torch._weight_int8pack_mm`` on bfloat16 activations).
+  ``torch._weight_int8pack_mm`` on bfloat16 activations), the model in float32.
 * W8A8: the same int8 weights with dynamic per-token int8 activations (``torch._int_mm``): the
   tensors and kernels a compressed-tensors W8A8 (dynamic) checkpoint runs with.
+* bfloat16: the float checkpoint with ``--dtype bfloat16`` (oneDNN bfloat16 linears and LM head,
+  packed at load; the tied LM head as a packed copy): the unquantized 16-bit baseline.
+* W8A16 bf16: ``--quantize eetq --dtype bfloat16``, W8A16 as its name says (16-bit activations
+  everywhere, the int8 kernel fed without conversions, the packed bfloat16 LM head).
 
-Embeddings and the LM head (250,880 x 1,024) stay float32 in every mode, as in TGI, so the LM
-head's matmul is the same in all three; the decoder-block linears alone are timed as well.
+Embeddings and the LM head (250,880 x 1,024) stay float in every mode, as in TGI: float32 in the
+float32 modes, bfloat16 in the bfloat16 ones; the decoder-block linears alone are timed as well.
 The shard's model runs directly (one prefill of 16 tokens per sequence, then timed decode steps
 of the whole model with its paged KV cache and greedy argmax); no gRPC.
 """
@@ -51,8 +55,17 @@ def ensure_checkpoint(model_dir: Path) -> Path:
     return write_checkpoint(model_dir, "bloom", seed=0, **BLOOM_560M)
 
 
-def quant_for(mode: str, model_dir: Path) -> QuantConfig | None:
-    if mode == "float32":
+MODES = {  # label: (model dtype, quantization)
+    "float32": (torch.float32, None),
+    "W8A16": (torch.float32, "W8A16"),
+    "W8A8": (torch.float32, "W8A8"),
+    "bfloat16": (torch.bfloat16, None),
+    "W8A16 bf16": (torch.bfloat16, "W8A16"),
+}
+
+
+def quant_for(mode: str | None, model_dir: Path) -> QuantConfig | None:
+    if mode is None:
         return None
     if mode == "W8A16":
         return detect(model_dir, "eetq")
@@ -111,7 +124,7 @@ def decode_rate(model, batch: int, steps: int) -> tuple[float, float]:
             for s, t in enumerate(chosen):
                 tokens[s].append(t)
         elapsed = time.perf_counter() - start
-        hidden = torch.randn(batch, model.config.hidden_size)
+        hidden = torch.randn(batch, model.config.hidden_size, dtype=model.dtype)
         model.compute_logits(hidden)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -136,20 +149,20 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average before: {os.getloadavg()}", flush=True)
     rows = {}
-    for mode in ("float32", "W8A16", "W8A8"):
-        model = load_model(model_dir, dtype=torch.float32, device=CPU, backend=get_backend(CPU),
-                           quant=quant_for(mode, model_dir))
+    for mode, (dtype, scheme) in MODES.items():
+        model = load_model(model_dir, dtype=dtype, device=CPU, backend=get_backend(CPU),
+                           quant=quant_for(scheme, model_dir))
         row = {"weights": weight_bytes(model), "linears": linear_bytes(model)}
         for b in args.batches:
             rate, head = decode_rate(model, b, args.steps)
             blocks = b / (b / rate - head)  # tokens/s of the decoder blocks alone
             row[b] = (rate, blocks)
-            print(f"{mode:8s} batch {b:3d}: {rate:8.1f} tok/s (decoder blocks without the LM "
+            print(f"{mode:10s} batch {b:3d}: {rate:8.1f} tok/s (decoder blocks without the LM "
                   f"head: {blocks:8.1f} tok/s; LM head {head * 1e3:.1f} ms/step)", flush=True)
         rows[mode] = row
         del model
     print(f"load average after: {os.getloadavg()}")
-    print("\nmode      weights MiB  block linears MiB  " + "  ".join(
+    print("\nmode        weights MiB  block linears MiB  " + "  ".join(
         f"b{b} tok/s (x fp32)  blocks-only (x fp32)" for b in args.batches))
     base = rows["float32"]
     for mode, row in rows.items():
@@ -158,8 +171,12 @@ def main() -> None:
             rate, blocks = row[b]
             cells.append(f"{rate:7.1f} ({rate / base[b][0]:4.2f}x)     "
                          f"{blocks:7.1f} ({blocks / base[b][1]:4.2f}x)")
-        print(f"{mode:8s} {row['weights'] / 2**20:11.1f}  {row['linears'] / 2**20:17.1f}  "
+        print(f"{mode:10s} {row['weights'] / 2**20:11.1f}  {row['linears'] / 2**20:17.1f}  "
               + "  ".join(cells))
+    for b in args.batches:
+        w8, half = rows["W8A16 bf16"][b][0], rows["bfloat16"][b][0]
+        print(f"batch {b}: W8A16 (bfloat16 model) {w8 / base[b][0]:.2f}x float32 (goal at batch 1: "
+              f">= 2x), {w8 / half:.2f}x the unquantized bfloat16 model")
 
 
 if __name__ == "__main__":

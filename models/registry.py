@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from loguru import logger
 
 from tgi_npu_backend.distributed import ParallelContext
 from tgi_npu_backend.kernels.base import AttentionBackend
@@ -13,7 +14,7 @@ from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.bloom import BloomForCausalLM
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.gemma import GemmaForCausalLM
-from tgi_npu_backend.models.layers.linear import pack_cpu_weights
+from tgi_npu_backend.models.layers.packing import pack_cpu_weights
 from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.weights import Weights
 
@@ -56,5 +57,11 @@ def load_model(
     )
     model.load_weights(weights)
     weights.check_all_used(model.allowed_unused())
-    pack_cpu_weights(model)
+    packed, copy_bytes = pack_cpu_weights(model)
+    if packed:
+        logger.info(
+            f"{packed} CPU weights reordered into oneDNN's layout"
+            + (f"; the tied LM head runs from a packed bfloat16 copy (+{copy_bytes / 2**20:.0f} MiB)"
+               if copy_bytes else "")
+        )
     return model.eval()

@@ -41,11 +41,15 @@ class Platform:
             return "hccl"
         return "nccl" if self.kind == "cuda" else "gloo"
 
-    def default_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        """CPU: float32. NPU: the checkpoint's half type, else float16 (the ATB ops take half
-        types only)."""
+    def default_dtype(self, checkpoint_dtype: str | None, weight_only_int8: bool = False) -> torch.dtype:
+        """CPU: float32, but bfloat16 for a weight-only int8 (W8A16) model where oneDNN has
+        bfloat16 kernels: 16-bit activations as the scheme says, and the int8 kernel's own input
+        type (``models/layers/quant/ops_cpu.py``). NPU: the checkpoint's half type, else float16
+        (the ATB ops take half types only)."""
         if self.kind == "cpu":
-            return torch.float32
+            from tgi_npu_backend.models.layers.linear import BF16_ONEDNN
+
+            return torch.bfloat16 if weight_only_int8 and BF16_ONEDNN else torch.float32
         if checkpoint_dtype in ("float16", "bfloat16"):
             return DTYPES[checkpoint_dtype]
         return torch.float16
@@ -115,11 +119,12 @@ def select_platform(requested: str, rank: int, emulation: str | None = None) -> 
     return CPU
 
 
-def select_dtype(requested: str | None, platform: Platform, checkpoint_dtype: str | None) -> torch.dtype:
+def select_dtype(requested: str | None, platform: Platform, checkpoint_dtype: str | None,
+                 weight_only_int8: bool = False) -> torch.dtype:
     """--dtype wins; otherwise the platform's default for this checkpoint."""
     if requested is not None:
         return DTYPES[requested]
-    return platform.default_dtype(checkpoint_dtype)
+    return platform.default_dtype(checkpoint_dtype, weight_only_int8)
 
 
 def check_npu_startup(platform: Platform, dtype: torch.dtype) -> None:

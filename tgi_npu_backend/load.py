@@ -7,6 +7,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from loguru import logger
 
 from tgi_npu_backend.kernels import AttentionBackend, check_block_size, get_backend
@@ -86,7 +87,11 @@ def build_generator(config: ServerConfig) -> Generator:
     quant = detect_quantization(model_dir, config.quantize)  # refuses what it cannot serve
     platform = devices.select_platform(config.device, config.rank, config.emulation)
     device = platform.device
-    dtype = devices.select_dtype(config.dtype, platform, model_config.torch_dtype)
+    weight_only = quant is not None and quant.labels == ["w8a16"]
+    dtype = devices.select_dtype(config.dtype, platform, model_config.torch_dtype, weight_only)
+    if weight_only and config.dtype is None and platform.kind == "cpu" and dtype == torch.bfloat16:
+        logger.info("W8A16 on the CPU: the model runs in bfloat16 (16-bit activations, the int8 "
+                    "kernel's input type); --dtype float32 keeps float32 outside the int8 layers")
     # NOTE: bind the NPU before HCCL and before any allocation (vllm-ascend's worker does the
     # same), then fail on an unsupported SoC or a missing NNAL before the socket appears.
     platform.set_device()

@@ -72,6 +72,9 @@ class ParallelLMHead(nn.Module):
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.tied = tied
+        # a oneDNN-packed copy of the tied table, made by ``packing.pack_cpu_weights`` (CPU,
+        # bfloat16); a buffer, so that the weights' bytes count it
+        self.register_buffer("packed", None, persistent=False)
         if tied is None:
             local = parallel.split(num_embeddings, "vocab_size")
             self.weight = nn.Parameter(
@@ -84,7 +87,10 @@ class ParallelLMHead(nn.Module):
         self.weight.data.copy_(weights.get_sharded(f"{prefix}.weight", 0, shape))
 
     def forward(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] float32
-        weight = self.tied.weight if self.tied is not None else self.weight
+        if self.packed is not None:
+            weight = self.packed
+        else:
+            weight = self.tied.weight if self.tied is not None else self.weight
         # NOTE: matmul in the model dtype and upcast after, as HF does (logits.float()).
         logits = linear(hidden, weight).float()  # [N, V_local]
         return self.parallel.all_gather_last_dim(logits)

@@ -46,7 +46,7 @@ ONEDNN_LINEAR = _onednn_linear_available()
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``; float32 on CPU through oneDNN (see the NOTE above), which
-    also takes the weights ``pack_cpu_weights`` reordered."""
+    also takes the weights ``packing.pack_cpu_weights`` reordered (float32 or bfloat16)."""
     if weight.is_mkldnn or (
         ONEDNN_LINEAR
         and x.device.type == "cpu"
@@ -57,36 +57,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-# NOTE: measured on the same CPU (2 threads, float32, the 96 decoder-block projections of
-# BLOOM-560m, weights out of cache): oneDNN's weights reordered once into its blocked layout
-# (``mkldnn._reorder_linear_weight``, what Inductor's freezing does) run 32 rows in 134-144 ms
-# against 224 ms as loaded, 512 rows in 1.47-1.62 s against 1.71 s, 1 row at the same speed
-# (58-71 vs 60 ms, within the noise). The packing hint is the row count the layout is tuned for:
-# 512 was as good as or better than 1 or 32 at every row count measured.
-PACK_HINT = 512
+def _bf16_onednn_available() -> bool:
+    try:
+        return ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def pack_cpu_weights(model: nn.Module) -> int:
-    """Reorder every float32 decoder-block linear weight on the CPU into oneDNN's layout, in
-    place of the plain one (no second copy). Returns how many were packed.
-
-    Called once after loading. The tied embedding / LM head table is left as it is: the
-    embedding needs the plain rows, and a packed copy would double its memory."""
-    if not ONEDNN_LINEAR:
-        return 0
-    packed = 0
-    for m in model.modules():
-        if not isinstance(m, (MergedColumnParallelLinear, RowParallelLinear)):
-            continue
-        w = m.weight
-        if m.method is not None or w is None or w.device.type != "cpu" or w.dtype != torch.float32:
-            continue
-        m.weight = nn.Parameter(
-            torch.ops.mkldnn._reorder_linear_weight(w.data, PACK_HINT), requires_grad=False
-        )
-        packed += 1
-    return packed
-
+BF16_ONEDNN = _bf16_onednn_available()
 
 def _param(*shape: int, dtype: torch.dtype | None, device: torch.device | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)

@@ -95,3 +95,22 @@ def test_compressed_tensors_schemes_it_cannot_run_are_refused(edit, needle, floa
                      format="int-quantized", config_groups={"group_0": group})
     with pytest.raises(ValueError, match=needle):
         detect(d, None)
+
+
+def test_w8a16_runs_in_bfloat16_on_the_cpu_unless_told(float_dirs, quantized_dir):
+    """W8A16 means 16-bit activations: on the CPU a weight-only int8 model defaults to bfloat16
+    (where oneDNN has bfloat16 kernels); --dtype wins, and W8A8 and float models stay float32."""
+    import torch
+
+    from tgi_npu_backend.device import select_dtype, select_platform
+    from tgi_npu_backend.models.layers.linear import BF16_ONEDNN
+
+    cpu = select_platform("cpu", 0, None)
+    w8a16 = detect(float_dirs["bloom"], "eetq").labels == ["w8a16"]
+    w8a8 = detect(quantized_dir("bloom", "compressed-tensors", "W8A8"), None).labels == ["w8a16"]
+    assert w8a16 and not w8a8
+    half = torch.bfloat16 if BF16_ONEDNN else torch.float32
+    assert select_dtype(None, cpu, "float32", weight_only_int8=w8a16) == half
+    assert select_dtype("float32", cpu, "float32", weight_only_int8=w8a16) == torch.float32
+    assert select_dtype(None, cpu, "bfloat16", weight_only_int8=w8a8) == torch.float32
+    assert select_dtype(None, cpu, "bfloat16") == torch.float32

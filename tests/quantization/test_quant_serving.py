@@ -30,6 +30,8 @@ SERVED = [
     ("bloom", "msmodelslim", "W8A8", "cpu", "float32"),
     ("gemma", "msmodelslim", "W8A16", "npu-emulated", "bfloat16"),
     ("bloom", "msmodelslim", "W8A8_DYNAMIC", "npu-emulated", "float16"),
+    # W8A16 with 16-bit activations on the CPU: bfloat16 model, packed float layers and LM head
+    ("bloom", "eetq", "W8A16", "cpu", "bfloat16"),
 ]
 
 
@@ -94,7 +96,7 @@ def _batched_equals_solo(sim: RouterSim) -> dict:
 
 
 def _case_id(c):
-    return "-".join(c[:3] + (c[3],))
+    return "-".join(c[:3] + (c[3],) + (("bf16",) if c[4] == "bfloat16" and c[3] == "cpu" else ()))
 
 
 @pytest.mark.parametrize(

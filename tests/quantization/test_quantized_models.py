@@ -9,6 +9,8 @@ import torch
 from quant_producers import CT_SCHEMES, MS_KINDS
 from quant_helpers import load, prompt_ids, prompt_logits, quantized_linears, use_ops
 
+from tgi_npu_backend.models.layers.linear import BF16_ONEDNN
+
 CASES = (
     [(a, "eetq", "W8A16") for a in ("bloom", "gemma")]
     + [(a, "compressed-tensors", s) for a in ("bloom", "gemma") for s in CT_SCHEMES]
@@ -52,6 +54,29 @@ def test_quantized_logits_match_the_dequantized_oracle(case, float_dirs, quantiz
     float_logits = prompt_logits(load(float_dirs[case[0]]), ids)
     cos = torch.nn.functional.cosine_similarity(oracle, float_logits, dim=-1)
     assert float(cos.min()) > 0.98, f"quantized vs float logits: cosine {float(cos.min()):.4f}"
+
+
+# W8A16 as its name says, with 16-bit activations: on the CPU the model in bfloat16 (``--dtype
+# bfloat16``), oneDNN-packed bfloat16 float layers and LM head, the int8 kernel on the bfloat16
+# activations as they come. Both sides round every activation to bfloat16 between layers.
+BF16_CASES = [("bloom", "eetq", "W8A16"), ("gemma", "compressed-tensors", "W8A16"),
+              ("bloom", "msmodelslim", "W8A16"), ("gemma", "compressed-tensors", "W8A8")]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=["-".join(c) for c in BF16_CASES])
+def test_bfloat16_cpu_serving_matches_the_dequantized_oracle(case, float_dirs, quantized_dir):
+    model_dir, flag = _dir(case, float_dirs, quantized_dir)
+    model = load(model_dir, flag, dtype=torch.bfloat16)
+    assert model.lm_head.packed is not None or not BF16_ONEDNN
+    ids = prompt_ids(model.config.vocab_size)
+    ours = prompt_logits(model, ids)
+    use_ops(model, "reference")
+    oracle = prompt_logits(model, ids)
+    err = float((ours - oracle).abs().max() / oracle.abs().max())
+    assert err < 3e-2, f"{case} bfloat16: {err:.2e}"
+    float_logits = prompt_logits(load(float_dirs[case[0]]), ids)
+    cos = torch.nn.functional.cosine_similarity(ours, float_logits, dim=-1)
+    assert float(cos.min()) > 0.98, f"bfloat16 quantized vs float32 logits: cosine {float(cos.min()):.4f}"
 
 
 @pytest.mark.parametrize("scheme", CT_SCHEMES)

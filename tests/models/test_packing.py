@@ -1,0 +1,91 @@
+"""CPU weights packed into oneDNN's layout at load (``models/layers/packing.py``): which ones, and
+that a packed model computes what the plain one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgi_npu_backend.kernels import AttentionMetadata, Phase, get_backend
+from tgi_npu_backend.models.layers.linear import BF16_ONEDNN, MergedColumnParallelLinear, linear
+from tgi_npu_backend.models.layers.packing import pack, pack_cpu_weights, packable
+from tgi_npu_backend.models.layers.quant import detect
+from tgi_npu_backend.models.layers.quant.methods import weight_bytes
+from tgi_npu_backend.models.registry import load_model
+
+CPU = torch.device("cpu")
+needs_bf16 = pytest.mark.skipif(not BF16_ONEDNN, reason="no oneDNN bfloat16 kernels on this CPU")
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 32, 600])
+def test_a_packed_weight_computes_the_plain_linear(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(160, 64, generator=g).to(dtype), torch.randn(160, generator=g).to(dtype)
+    x = torch.randn(rows, 64, generator=g).to(dtype)
+    packed = pack(w)
+    assert packed.is_mkldnn and not packable(packed)
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 6e-2, "rtol": 1.6e-2}
+    torch.testing.assert_close(linear(x, packed, b), F.linear(x, w, b), **tol)
+    torch.testing.assert_close(linear(x[::2], packed), F.linear(x[::2], w), **tol)  # strided rows
+
+
+def test_half_and_npu_weights_are_not_packable():
+    assert not packable(torch.zeros(4, 4, dtype=torch.float16))
+    assert not packable(torch.zeros(4, 4, dtype=torch.int8))
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    backend = model.backend
+    caches = [backend.allocate_kv_cache(4, 16, model.num_kv_heads, model.head_dim, model.dtype, CPU)
+              for _ in range(model.num_layers)]
+    meta = AttentionMetadata.build(
+        phase=Phase.PREFILL, slot_mapping=[16 + i for i in range(len(ids))], block_tables=[[1, 2]],
+        context_lens=[0], query_lens=[len(ids)], block_size=16, device=CPU)
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), torch.arange(len(ids)), caches, backend.prepare(meta))
+        return model.compute_logits(hidden)
+
+
+def _load(model_dir, dtype, quant=None, pack_weights=True, monkeypatch=None):
+    if not pack_weights:
+        monkeypatch.setattr("tgi_npu_backend.models.registry.pack_cpu_weights", lambda m: (0, 0))
+    model = load_model(model_dir, dtype=dtype, device=CPU, backend=get_backend(CPU), quant=quant)
+    if not pack_weights:
+        monkeypatch.undo()
+    return model
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("ckpt", ["bloom_dir", "gemma_mqa_dir"])
+def test_a_loaded_model_is_packed_and_computes_the_same_logits(ckpt, dtype, request, monkeypatch):
+    model_dir = request.getfixturevalue(ckpt)
+    plain = _load(model_dir, dtype, pack_weights=False, monkeypatch=monkeypatch)
+    model = _load(model_dir, dtype)
+    blocks = [m for m in model.modules() if isinstance(m, MergedColumnParallelLinear)]
+    assert blocks and all(m.weight.is_mkldnn for m in blocks)
+    head, table = model.lm_head, model.lm_head.tied.weight  # both tiny checkpoints tie the head
+    assert not table.is_mkldnn  # the embedding reads plain rows
+    if dtype == torch.bfloat16:  # a packed copy for the head, counted in the weights' bytes
+        assert head.packed is not None
+        assert weight_bytes(model) == weight_bytes(plain) + table.numel() * table.element_size()
+    else:  # float32: the head stays as it is (slower packed at one row)
+        assert head.packed is None and weight_bytes(model) == weight_bytes(plain)
+    ids = [5, 17, 3, 99, 42, 7, 64, 12]
+    ours, ref = _logits(model, ids), _logits(plain, ids)
+    scale = float(ref.abs().max())
+    err = float((ours - ref).abs().max()) / scale
+    assert err < (1e-5 if dtype == torch.float32 else 3e-2), f"{ckpt} {dtype}: {err:.2e}"
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1)) or dtype == torch.bfloat16
+
+
+@needs_bf16
+def test_int8_layers_are_left_to_their_kernels(bloom_dir):
+    model = load_model(bloom_dir, dtype=torch.bfloat16, device=CPU, backend=get_backend(CPU),
+                       quant=detect(bloom_dir, "eetq"))
+    linears = [m for m in model.modules() if hasattr(m, "method") and m.method is not None]
+    assert linears and all(m.weight is None or not m.weight.is_mkldnn for m in linears)
+    assert model.lm_head.packed is not None  # the float LM head is still packed
+    assert pack_cpu_weights(model) == (0, 0)  # once only
