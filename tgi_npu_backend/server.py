@@ -4,10 +4,11 @@ Generator in plain values) and the serve loop on ``unix://{uds_path}-{rank}``.
 Generator calls run on one worker thread, in arrival order (the router sends Prefill/Decode
 strictly one after another), so the event loop stays free for Health and signals. The model is
 loaded on that same thread: torch's OpenMP runtime (libgomp) keeps a team of worker threads for
-every thread that runs a parallel op, and once two teams exist there are more of its threads than
-cores, so it stops spin-waiting between ops and every op pays a futex wake-up. Loading on the main
-thread and stepping on the worker made a bloom-560m batch-1 decode step ~1.45x slower on 2 cores
-(``benchmarks/bench_throughput.py``; the README's Performance section).
+every thread that runs a parallel op, and two teams are more of its threads than a small host's
+cores. Loading on the main thread and stepping on the worker made a bloom-560m batch-1 decode
+step ~1.45x slower on 2 cores (the README's Performance section). On an NPU the current device is
+per thread too: the thread that binds it (``Platform.set_device``, in ``build_generator``) is
+the one that runs the steps.
 """
 
 from __future__ import annotations
