@@ -44,6 +44,16 @@ def _onednn_linear_available() -> bool:
 ONEDNN_LINEAR = _onednn_linear_available()
 
 
+def _bf16_onednn_available() -> bool:
+    try:
+        return ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+BF16_ONEDNN = _bf16_onednn_available()  # packing.py packs bfloat16 weights only with these
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``; float32 on CPU through oneDNN (see the NOTE above), which
     also takes the weights ``packing.pack_cpu_weights`` reordered (float32 or bfloat16)."""
@@ -56,15 +66,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
-
-def _bf16_onednn_available() -> bool:
-    try:
-        return ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-BF16_ONEDNN = _bf16_onednn_available()
 
 def _param(*shape: int, dtype: torch.dtype | None, device: torch.device | None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tgi_npu_backend.kernels import AttentionMetadata, Phase, get_backend
+from prompt_pass import prompt_logits
+from tgi_npu_backend.kernels import get_backend
 from tgi_npu_backend.models.layers.linear import BF16_ONEDNN, MergedColumnParallelLinear, linear
 from tgi_npu_backend.models.layers.packing import pack, pack_cpu_weights, packable
 from tgi_npu_backend.models.layers.quant import detect
@@ -37,32 +37,23 @@ def test_half_and_npu_weights_are_not_packable():
     assert not packable(torch.zeros(4, 4, dtype=torch.int8))
 
 
-def _logits(model, ids: list[int]) -> torch.Tensor:
-    backend = model.backend
-    caches = [backend.allocate_kv_cache(4, 16, model.num_kv_heads, model.head_dim, model.dtype, CPU)
-              for _ in range(model.num_layers)]
-    meta = AttentionMetadata.build(
-        phase=Phase.PREFILL, slot_mapping=[16 + i for i in range(len(ids))], block_tables=[[1, 2]],
-        context_lens=[0], query_lens=[len(ids)], block_size=16, device=CPU)
-    with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.arange(len(ids)), caches, backend.prepare(meta))
-        return model.compute_logits(hidden)
+def _load(model_dir, dtype, monkeypatch=None):
+    """The model as load_model builds it; with ``monkeypatch``, without packing (the oracle)."""
+    def build():
+        return load_model(model_dir, dtype=dtype, device=CPU, backend=get_backend(CPU))
 
-
-def _load(model_dir, dtype, quant=None, pack_weights=True, monkeypatch=None):
-    if not pack_weights:
-        monkeypatch.setattr("tgi_npu_backend.models.registry.pack_cpu_weights", lambda m: (0, 0))
-    model = load_model(model_dir, dtype=dtype, device=CPU, backend=get_backend(CPU), quant=quant)
-    if not pack_weights:
-        monkeypatch.undo()
-    return model
+    if monkeypatch is None:
+        return build()
+    with monkeypatch.context() as m:
+        m.setattr("tgi_npu_backend.models.registry.pack_cpu_weights", lambda model: (0, 0))
+        return build()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("ckpt", ["bloom_dir", "gemma_mqa_dir"])
 def test_a_loaded_model_is_packed_and_computes_the_same_logits(ckpt, dtype, request, monkeypatch):
     model_dir = request.getfixturevalue(ckpt)
-    plain = _load(model_dir, dtype, pack_weights=False, monkeypatch=monkeypatch)
+    plain = _load(model_dir, dtype, monkeypatch)
     model = _load(model_dir, dtype)
     blocks = [m for m in model.modules() if isinstance(m, MergedColumnParallelLinear)]
     assert blocks and all(m.weight.is_mkldnn for m in blocks)
@@ -74,7 +65,7 @@ def test_a_loaded_model_is_packed_and_computes_the_same_logits(ckpt, dtype, requ
     else:  # float32: the head stays as it is (slower packed at one row)
         assert head.packed is None and weight_bytes(model) == weight_bytes(plain)
     ids = [5, 17, 3, 99, 42, 7, 64, 12]
-    ours, ref = _logits(model, ids), _logits(plain, ids)
+    ours, ref = prompt_logits(model, ids), prompt_logits(plain, ids)
     scale = float(ref.abs().max())
     err = float((ours - ref).abs().max()) / scale
     assert err < (1e-5 if dtype == torch.float32 else 3e-2), f"{ckpt} {dtype}: {err:.2e}"

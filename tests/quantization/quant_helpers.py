@@ -1,4 +1,5 @@
-"""Load a (quantized) tiny model on the CPU and run one prompt through it."""
+"""Load a (quantized) tiny model on the CPU; ``prompt_logits`` (``tests/prompt_pass.py``) runs one
+prompt through it."""
 
 from __future__ import annotations
 
@@ -6,16 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tgi_npu_backend.kernels import AttentionMetadata, Phase, get_backend
+from prompt_pass import CPU, prompt_logits  # noqa: F401 (re-exported to the tests here)
+from tgi_npu_backend.kernels import get_backend
 from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.layers.quant import detect
 from tgi_npu_backend.models.registry import load_model
-from torch import Tensor
 
 from tgi_npu_backend.distributed import ParallelContext
-
-CPU = torch.device("cpu")
-BLOCK = 16
 
 
 def load(model_dir: Path, quantize: str | None = None, ops: str = "cpu",
@@ -34,25 +32,6 @@ def quantized_linears(model: CausalLM) -> list:
 def use_ops(model: CausalLM, ops: str) -> None:
     for lin in quantized_linears(model):
         lin.method.use_ops(lin, ops)
-
-
-def prompt_logits(model: CausalLM, ids: list[int]) -> Tensor:
-    """[len(ids), vocab] float32 logits of one prefill pass."""
-    n = len(ids)
-    blocks = list(range(1, 1 + (n + BLOCK - 1) // BLOCK))
-    caches = [
-        model.backend.allocate_kv_cache(len(blocks) + 1, BLOCK, model.num_kv_heads,
-                                        model.head_dim, model.dtype, CPU)
-        for _ in range(model.num_layers)
-    ]
-    meta = AttentionMetadata.build(
-        phase=Phase.PREFILL, slot_mapping=[blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)],
-        block_tables=[blocks], context_lens=[0], query_lens=[n], block_size=BLOCK, device=CPU,
-    )
-    with torch.inference_mode():
-        meta = model.backend.prepare(meta)
-        hidden = model(torch.tensor(ids), torch.arange(n), caches, meta)
-        return model.compute_logits(hidden).float()
 
 
 def prompt_ids(vocab_size: int, n: int = 24, seed: int = 0) -> list[int]:

@@ -8,7 +8,6 @@ That made a bloom-560m decode step ~1.45x slower on 2 cores (the README's Perfor
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 import threading
 import uuid
