@@ -48,7 +48,6 @@ class _DecodePlan:
     blocks: Tensor  # [N] int64 block ids, sequence by sequence
     seq_of: Tensor  # [N] int64 sequence of each block
     rel: Tensor  # [N, 1, 1, bs] float32 key position - query position (<= 0 where valid)
-    invalid: Tensor  # [N, 1, 1, bs] bool, key positions past the sequence's end
     last: Tensor  # [B] int64 index (into N) of each sequence's last block
     last_invalid: Tensor  # [B, 1, bs, 1] bool, unwritten tail of that last block
     # Runs of consecutive cache blocks among the blocks before each sequence's last one, as
@@ -109,25 +108,22 @@ class CpuBackend(ReferenceBackend):
         # few dozen ops on [blocks]-sized index arrays cost ~1 us each in numpy and ~5-10 us as
         # torch ops, and this runs on every decode step (benchmarks/bench_throughput.py's host
         # time per step).
-        seq_lens = np.asarray(meta.seq_lens_list, dtype=np.int64)
-        counts = -(-seq_lens // bs)  # blocks per sequence
-        starts = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        seq_of = np.repeat(np.arange(len(counts)), counts)
-        index = np.arange(starts[-1]) - starts[seq_of]  # block index in its sequence
-        blocks = meta.block_tables.numpy()[seq_of, index].astype(np.int64)
-        key_pos = index[:, None] * bs + np.arange(bs)  # [N, bs]
-        rel = key_pos - (seq_lens - 1)[seq_of][:, None]  # key position - query position
-        invalid = rel > 0
-        last = starts[1:] - 1
+        seq_lens = np.array(meta.seq_lens_list)
+        counts = (seq_lens + (bs - 1)) // bs  # blocks per sequence
+        table = meta.block_tables.numpy()
+        held = np.arange(table.shape[1]) < counts[:, None]  # [B, max_blocks]
+        seq_of, index = np.nonzero(held)  # sequence by sequence, block index in its sequence
+        blocks = table[held].astype(np.int64)
+        # key position - query position, [N, bs]
+        rel = (index * bs - (seq_lens - 1)[seq_of])[:, None] + np.arange(bs)
+        last = np.cumsum(counts) - 1
         n = len(blocks)
         return _DecodePlan(
             blocks=torch.from_numpy(blocks),
             seq_of=torch.from_numpy(seq_of),
             rel=torch.from_numpy(rel.astype(np.float32)).view(n, 1, 1, bs),
-            invalid=torch.from_numpy(invalid).view(n, 1, 1, bs),
             last=torch.from_numpy(last),
-            last_invalid=torch.from_numpy(invalid[last]).view(-1, 1, bs, 1),
+            last_invalid=torch.from_numpy(rel[last] > 0).view(-1, 1, bs, 1),
             runs=_runs(blocks, seq_of, last),
         )
 
@@ -240,7 +236,7 @@ class CpuBackend(ReferenceBackend):
                 scores = torch.baddbmm(bias.view(n * kv_heads, group, bs), q.view(-1, group, d), kt, alpha=scale)
             else:
                 scores = torch.bmm(q.view(-1, group, d), kt).mul_(scale)
-            scores = scores.view(n, kv_heads, group, bs).masked_fill_(p.invalid, NEG_INF)
+            scores = scores.view(n, kv_heads, group, bs).masked_fill_(p.rel > 0, NEG_INF)
         # softmax over all blocks of a sequence
         block_max = scores.amax(-1)  # [N, KVH, G]
         seq_max = torch.full((b, kv_heads, group), NEG_INF, device=query.device)
@@ -319,7 +315,7 @@ def _runs(blocks: np.ndarray, seq_of: np.ndarray, last: np.ndarray) -> list[tupl
     n = len(blocks)
     full = np.ones(n, dtype=bool)
     full[last] = False
-    count = int(full.sum())
+    count = n - len(last)  # each sequence has one last block
     if count == 0:
         return None
     joins = np.zeros(n, dtype=bool)  # block i continues block i - 1's run
@@ -370,3 +366,4 @@ def _run_values(probs: Tensor, value_cache: Tensor, p: _DecodePlan) -> Tensor:
     p_last = probs.index_select(0, p.last).view(b * kv_heads, group, bs)
     last = torch.bmm(p_last, last_v.view(b * kv_heads, bs, d)).view(b, kv_heads, group, d)
     return partial.index_copy_(0, p.last, last)
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -191,8 +192,18 @@ class Batch:
 
     @property
     def prefilling(self) -> bool:
-        """Some request's prompt is not all in the KV cache yet."""
-        return any(not r.prefilled for r in self.requests)
+        """Some request's prompt is not all in the KV cache yet (``Request.prefilled``, inlined:
+        this runs on every step)."""
+        return any(r.cursor < r.prompt_len for r in self.requests)
+
+    @cached_property
+    def wants_top_tokens(self) -> bool:
+        """Some request asked for its top-n tokens (a batch's requests never change)."""
+        return any(r.top_n > 0 for r in self.requests)
+
+    @cached_property
+    def _blocks_held(self) -> int:
+        return sum(len(r.blocks) for r in self.requests)
 
     def filter(self, request_ids: list[int]) -> Batch:
         """Keep ``request_ids`` in that order (the router's order)."""
@@ -238,6 +249,8 @@ class Batch:
             id=self.id,
             request_ids=self.request_ids,
             size=len(self.requests),  # includes just-finished requests (router filters them)
-            max_tokens=sum(len(r.blocks) for r in self.requests) * block_size,
-            current_tokens=sum(r.query_len for r in self.requests),
+            max_tokens=self._blocks_held * block_size,
+            current_tokens=(
+                sum(r.query_len for r in self.requests) if self.prefilling else len(self.requests)
+            ),
         )

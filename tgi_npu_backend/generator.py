@@ -246,7 +246,12 @@ class Generator:
         a prompt chunk moves its cursor, and a request whose pass ends its prompt (or decodes)
         takes the chosen token. Requests still prefilling produce no Generation (as TGI)."""
         start = _now()
-        yielding = [i for i, r in enumerate(batch.requests) if r.yields_token]
+        requests = batch.requests
+        prefilling = batch.prefilling
+        if prefilling:
+            yielding = [i for i, r in enumerate(requests) if r.yields_token]
+        else:  # every request decodes one token
+            yielding = list(range(len(requests)))
         out = self.runner.forward(batch, kv_cache)
         self._advancing = True  # sampling draws from the requests' generators: no way back
         chosen: list[int] = []
@@ -255,44 +260,48 @@ class Generator:
         if yielding:
             next_ids, logprobs = self.runner.choose(batch, yielding, out.next_logits)
             picked = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-            if any(batch.requests[i].top_n > 0 for i in yielding):
-                top_n = [batch.requests[i].top_n if batch.requests[i].owned else 0 for i in yielding]
+            if batch.wants_top_tokens:
+                top_n = [requests[i].top_n if requests[i].owned else 0 for i in yielding]
                 tops = top_n_tokens(logprobs, top_n)
             chosen = next_ids.tolist()  # device -> host sync: end of the forward part
             chosen_logprobs = picked.tolist()
         forward_ns = _now() - start
 
         start = _now()
-        row = {i: k for k, i in enumerate(yielding)}
+        row = {i: k for k, i in enumerate(yielding)} if prefilling else None
+        special_ids = self.text.special_ids
         generations = []
-        for i, r in enumerate(batch.requests):
+        done = 0  # requests finished, before or during this step
+        for i, r in enumerate(requests):
             if r.finished:
+                done += 1
                 continue
-            was_prefilling = not r.prefilled
+            was_prefilling = prefilling and not r.prefilled
             if was_prefilling:
                 r.prefill_pass_done(out.prompt_logprobs[i])
-            k = row.get(i)
+            k = i if row is None else row.get(i)
             if k is None:
                 continue  # a prompt chunk that does not end the prompt: no token yet
             token = chosen[k]
             piece, generated_text = r.take(token)
+            if generated_text is not None:
+                done += 1
             if not r.owned:
                 continue
             gen = Generation(
-                request_id=r.id,
-                tokens=Tokens([token], [chosen_logprobs[k]], [piece], [token in self.text.special_ids]),
+                r.id, Tokens([token], [chosen_logprobs[k]], [piece], [token in special_ids]),
                 generated_text=generated_text,
             )
             if was_prefilling and r.prefill_logprobs:
                 gen.prefill_tokens = self._prefill_tokens(r)
             if tops is not None and r.top_n > 0:
                 ids, lps = tops[k]
-                gen.top_tokens = [Tokens(ids, lps, self._texts(ids), [t in self.text.special_ids for t in ids])]
+                gen.top_tokens = [Tokens(ids, lps, self._texts(ids), [t in special_ids for t in ids])]
             generations.append(gen)
-        if self.max_prefill_tokens is not None:
+        if prefilling and self.max_prefill_tokens is not None:
             batch.plan_chunks(self.max_prefill_tokens)
         decode_ns = _now() - start
-        if all(r.finished for r in batch.requests):
+        if done == len(requests):
             return generations, None, forward_ns, decode_ns
         return generations, batch, forward_ns, decode_ns
 

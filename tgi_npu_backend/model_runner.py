@@ -50,7 +50,10 @@ class DecodeInputs:
     requests: list[Request]
     block_tables: Tensor  # [B, max_blocks] int32 (device), fixed for the batch's life
     positions: Tensor  # [B] int64 (device), position of each request's token in this step
-    positions_host: Tensor  # [B] int64, the same on the host (the kernels' host length lists)
+    seq_lens: Tensor  # [B] int32 (device), positions + 1
+    context_lens: Tensor  # [B] int32 (device), positions (the last step's seq_lens)
+    seq_lens_list: list[int]  # the same on the host (the kernels' host length lists)
+    context_lens_list: list[int]
     max_seq_len: int  # max(positions) + 1
     cu_seqlens_q: Tensor  # [B + 1] int32 (device), 0..B
     query_lens: list[int]  # [1] * B
@@ -59,13 +62,17 @@ class DecodeInputs:
     next_ids: Tensor | None = None  # [B] int64 (device), the tokens this step chose
 
     def advanced(self) -> DecodeInputs:
-        """The next step's inputs: one position on, the chosen tokens as input."""
+        """The next step's inputs: one position on, the chosen tokens as input (this step's
+        lengths become the next step's context lengths)."""
         assert self.next_ids is not None
         return DecodeInputs(
             requests=self.requests,
             block_tables=self.block_tables,
             positions=self.positions + 1,
-            positions_host=self.positions_host + 1,
+            seq_lens=self.seq_lens + 1,
+            context_lens=self.seq_lens,
+            seq_lens_list=[n + 1 for n in self.seq_lens_list],
+            context_lens_list=self.seq_lens_list,
             max_seq_len=self.max_seq_len + 1,
             cu_seqlens_q=self.cu_seqlens_q,
             query_lens=self.query_lens,
@@ -80,14 +87,14 @@ class DecodeInputs:
             phase=Phase.DECODE,
             slot_mapping=block.long() * block_size + pos % block_size,
             block_tables=self.block_tables,
-            seq_lens=(pos + 1).int(),
-            context_lens=pos.int(),
+            seq_lens=self.seq_lens,
+            context_lens=self.context_lens,
             cu_seqlens_q=self.cu_seqlens_q,
             max_seqlen_q=1,
             max_seqlen_k=self.max_seq_len,
             block_size=block_size,
-            seq_lens_list=(self.positions_host + 1).tolist(),
-            context_lens_list=self.positions_host.tolist(),
+            seq_lens_list=self.seq_lens_list,
+            context_lens_list=self.context_lens_list,
             query_lens_list=self.query_lens,
         )
 
@@ -152,7 +159,10 @@ class ModelRunner:
             requests=reqs,
             block_tables=meta.block_tables,
             positions=positions,
-            positions_host=torch.tensor(meta.context_lens_list, dtype=torch.int64),
+            seq_lens=meta.seq_lens,
+            context_lens=meta.context_lens,
+            seq_lens_list=meta.seq_lens_list,
+            context_lens_list=meta.context_lens_list,
             max_seq_len=meta.max_seqlen_k,
             cu_seqlens_q=meta.cu_seqlens_q,
             query_lens=meta.query_lens_list,
@@ -203,7 +213,8 @@ class ModelRunner:
             chooser = batch.chooser
         else:  # some requests are mid-prompt: their generators must not draw
             chooser = batch.chooser.rows(rows)
-        next_ids, logprobs = chooser(logits, [requests[i].tokens for i in rows])
+        history = [requests[i].tokens for i in rows] if chooser.uses_history else None
+        next_ids, logprobs = chooser(logits, history)
         if self._decode is not None and self._decode.requests is requests:
             self._decode.next_ids = next_ids
         return next_ids, logprobs

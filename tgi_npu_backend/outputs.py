@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .stopping import FinishReason
 
 
-@dataclass
+@dataclass(slots=True)
 class Tokens:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -16,7 +16,7 @@ class Tokens:
 
 
 
-@dataclass
+@dataclass(slots=True)
 class GeneratedText:
     text: str
     generated_tokens: int
@@ -25,7 +25,7 @@ class GeneratedText:
 
 
 
-@dataclass
+@dataclass(slots=True)
 class Generation:
     request_id: int
     tokens: Tokens  # always present: the router requires it

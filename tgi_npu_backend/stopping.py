@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import weakref
 from typing import Protocol
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
@@ -81,6 +82,18 @@ class Tokenizer(Protocol):
     ) -> str: ...
 
 
+_SINGLE_TOKEN_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _single_token_texts(tokenizer: Tokenizer) -> dict[int, str]:
+    """The texts of single tokens decoded so far with ``tokenizer`` (skipping special tokens),
+    one dict per tokenizer object, shared by all its requests (at most a vocabulary's worth)."""
+    try:
+        return _SINGLE_TOKEN_TEXTS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: a dict for this detokenizer alone
+        return {}
+
+
 class IncrementalDetokenizer:
     """Turns one request's generated tokens into text pieces as they arrive (TGI's
     ``decode_token``), never emitting a piece that ends in an incomplete UTF-8 sequence.
@@ -111,9 +124,12 @@ class IncrementalDetokenizer:
         self._window = list(prompt_ids[prefix_offset:])  # ids[prefix_offset:]; indices relative
         self._prefix = 0  # prefix_offset - (ids dropped from the window's front)
         self._read = len(self._window)  # read_offset, same frame
+        self._prefix_text: str | None = None  # decoded window[prefix:read], until the offsets move
         self._anchor = list(prompt_ids[-1:])  # TGI's one preceding token for the final text
         self._generated: list[int] = []  # non-special generated ids
-        self._streamed = ""  # concatenation of the non-special pieces returned so far
+        # the non-special pieces returned so far (joined when read: ``+=`` on an attribute copies
+        # the whole string each time, O(n^2) over a long generation)
+        self._pieces: list[str] = []
         self._settled: tuple[str, str] | None = None  # (final text, remainder), until next step
         self._finished = False
         # NOTE: for a fast tokenizer, HF's decode(..., clean_up_tokenization_spaces=False) is its
@@ -121,8 +137,20 @@ class IncrementalDetokenizer:
         # (transformers 5 TokenizersBackend._decode); two decodes per request per step add up.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._fast_decode = getattr(backend, "decode", None)
+        self._single = _single_token_texts(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        # NOTE: after a piece is emitted the prefix window is usually the one token just read, so
+        # one of a step's two decodes is of a single token: a pure function of its id, memoised
+        # per tokenizer.
+        if len(ids) == 1:
+            text = self._single.get(ids[0])
+            if text is None:
+                text = self._single[ids[0]] = self._decode_uncached(ids)
+            return text
+        return self._decode_uncached(ids)
+
+    def _decode_uncached(self, ids: list[int]) -> str:
         if self._fast_decode is not None:
             return self._fast_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(
@@ -132,7 +160,7 @@ class IncrementalDetokenizer:
     @property
     def streamed_text(self) -> str:
         """The non-special pieces returned so far, concatenated."""
-        return self._streamed
+        return "".join(self._pieces)
 
     def step(self, token_id: int, is_special: bool) -> str:
         """The text piece for one generated token ("" while it is held back)."""
@@ -145,15 +173,20 @@ class IncrementalDetokenizer:
         self._settled = None
         self._generated.append(token_id)
         self._window.append(token_id)
-        prefix_text = self._decode(self._window[self._prefix : self._read])
+        prefix_text = self._prefix_text
+        if prefix_text is None:
+            prefix_text = self._prefix_text = self._decode(self._window[self._prefix : self._read])
         new_text = self._decode(self._window[self._prefix :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
-            return ""  # incomplete character (or nothing visible yet): hold back
+            # incomplete character (or nothing visible yet): hold back; the offsets stay, and so
+            # does the prefix's text
+            return ""
         piece = new_text[len(prefix_text) :]
         # Offsets advance to (read_offset, len(ids)); drop what is before the new prefix.
         del self._window[: self._read]
         self._prefix, self._read = 0, len(self._window)
-        self._streamed += piece
+        self._prefix_text = None
+        self._pieces.append(piece)
         return piece
 
     def final_text(self) -> str:
@@ -167,7 +200,7 @@ class IncrementalDetokenizer:
         if self._finished:
             return ""
         remainder = self._settle()[1]
-        self._streamed += remainder
+        self._pieces.append(remainder)
         self._finished = True
         return remainder
 
@@ -175,12 +208,13 @@ class IncrementalDetokenizer:
         if self._settled is not None:
             return self._settled
         if self._finished:
-            self._settled = (self._streamed, "")
+            self._settled = (self.streamed_text, "")
             return self._settled
         anchor_text = self._decode(self._anchor)
         final = self._decode(self._anchor + self._generated)[len(anchor_text) :]
-        if final.startswith(self._streamed):
-            self._settled = (final, final[len(self._streamed) :])
+        streamed = self.streamed_text
+        if final.startswith(streamed):
+            self._settled = (final, final[len(streamed) :])
         else:
             # NOTE: the final decoding does not extend what was already streamed: context beyond
             # one preceding token changed the decoding (e.g. a prompt ending inside a UTF-8
@@ -189,5 +223,5 @@ class IncrementalDetokenizer:
             prefix_text = self._decode(self._window[self._prefix : self._read])
             new_text = self._decode(self._window[self._prefix :])
             tail = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
-            self._settled = (self._streamed + tail, tail)
+            self._settled = (streamed + tail, tail)
         return self._settled

@@ -350,3 +350,18 @@ def test_all_greedy_fast_path_equals_the_general_path():
         SamplingParams(top_k=5),
     ):
         assert not TokenChooser([SamplingParams(), other])._plain_greedy
+
+
+def test_history_is_read_only_by_the_processors_that_need_it():
+    """Without a penalty or a watermark the chooser needs no token history (the runner passes
+    None); with one, leaving it out is refused with what to pass."""
+    logits = torch.randn(2, VOCAB)
+    plain = TokenChooser([SamplingParams(), SamplingParams(seed=3, do_sample=True)])
+    assert not plain.uses_history
+    ids, logprobs = plain(logits)
+    assert ids.shape == (2,) and logprobs.shape == (2, VOCAB)
+    assert torch.equal(ids[:1], logits[:1].argmax(-1))
+    penalised = TokenChooser([SamplingParams(repetition_penalty=1.3)])
+    assert penalised.uses_history
+    with pytest.raises(ValueError, match="pass input_ids"):
+        penalised(logits[:1])

@@ -218,3 +218,69 @@ def test_fast_decode_equals_the_tokenizers_decode(tokenizer):
     for n in range(1, 60):
         ids = [rng.randrange(len(tokenizer)) for _ in range(n)]
         assert detok._decode(ids) == decode(tokenizer, ids)
+
+
+def tgi_pieces(tokenizer, prompt: list[int], generated: list[int]) -> list[str]:
+    """TGI's ``decode_token`` with nothing cached: two decodes of the growing ids per step."""
+    ids, prefix, read = list(prompt), max(len(prompt) - 5, 0), len(prompt)
+    pieces = []
+    for token in generated:
+        ids.append(token)
+        prefix_text, new_text = decode(tokenizer, ids[prefix:read]), decode(tokenizer, ids[prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(FFFD):
+            pieces.append(new_text[len(prefix_text) :])
+            prefix, read = read, len(ids)
+        else:
+            pieces.append("")
+    return pieces
+
+
+def test_pieces_equal_tgis_uncached_decoding(tokenizer):
+    """The detokenizer keeps the prefix's text while it holds back and memoises single-token
+    texts; random byte-level tokens (UTF-8 characters cut and held back) give TGI's pieces."""
+    import random
+
+    rng = random.Random(1)
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    for _ in range(30):
+        prompt = [rng.choice(ids) for _ in range(rng.randrange(0, 8))]
+        generated = [rng.choice(ids) for _ in range(40)]
+        pieces, _, _, _ = stream(tokenizer, prompt, generated)
+        assert pieces == tgi_pieces(tokenizer, prompt, generated)
+
+
+def test_one_multi_token_decode_per_step_once_text_flows(tokenizer):
+    """After a piece is emitted the prefix window is the token just read: its text comes from the
+    per-tokenizer memo, so a step decodes one window (not two); held-back steps reuse the prefix."""
+    decodes = []
+
+    class Spy:
+        def decode(self, ids, **kwargs):
+            decodes.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    spy = Spy()
+    prompt = tokenizer.encode("The quick brown fox")
+    generated = tokenizer.encode("jumps over the lazy dog, " * 4)  # every token emits a piece
+    detok = IncrementalDetokenizer(spy, prompt)
+    pieces = [detok.step(token, False) for token in generated]
+    assert all(pieces)
+    assert "".join(pieces) + detok.finish() == decode(tokenizer, generated)
+    multi = [n for n in decodes if n > 1]
+    # one per step, plus the first step's 5-token prefix and the final text's
+    assert len(multi) <= len(generated) + 2
+    again = IncrementalDetokenizer(spy, prompt)  # same tokenizer: the memo is shared
+    before = len(decodes)
+    assert [again.step(token, False) for token in generated] == pieces
+    assert all(n > 1 for n in decodes[before:])
+    # characters cut into byte tokens: held-back steps reuse the prefix's text
+    decodes.clear()
+    generated = tokenizer.encode("深度学习模型" * 4)
+    detok = IncrementalDetokenizer(spy, prompt)
+    pieces = [detok.step(token, False) for token in generated]
+    assert "" in pieces
+    decodes.clear()
+    detok = IncrementalDetokenizer(spy, prompt)
+    assert [detok.step(token, False) for token in generated] == pieces
+    assert len(decodes) < 2 * len(generated)
