@@ -216,6 +216,8 @@ class CpuBackend(ReferenceBackend):
         _, kv_heads, bs, _ = key_cache.shape
         group = heads // kv_heads
         p: _DecodePlan = plan_of(meta, self.name).attention
+        if b == 1:
+            return _decode_one(query, key_cache, value_cache, p, scale, alibi_slopes)
         n = p.blocks.shape[0]
         # Query head h uses KV head h // group: [B, KVH, G, D] per block, never repeating K/V.
         q = query.float().view(b, kv_heads, group, d).index_select(0, p.seq_of)  # [N, KVH, G, D]
@@ -367,3 +369,30 @@ def _run_values(probs: Tensor, value_cache: Tensor, p: _DecodePlan) -> Tensor:
     last = torch.bmm(p_last, last_v.view(b * kv_heads, bs, d)).view(b, kv_heads, group, d)
     return partial.index_copy_(0, p.last, last)
 
+
+def _decode_one(
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, p: _DecodePlan, scale: float,
+    alibi_slopes: Tensor | None,
+) -> Tensor:
+    """Decode attention of a single sequence: its blocks gathered, one softmax over all of them.
+
+    NOTE: at batch 1 the per-op cost, not the bytes, is what a layer's attention costs (the
+    batched path's ~30 small ops per layer measured 20-60 us each between a step's linears);
+    this is 11, with the same float32 math."""
+    _, heads, d = query.shape
+    _, kv_heads, bs, _ = key_cache.shape
+    group = heads // kv_heads
+    n = p.blocks.shape[0]
+    k = key_cache.index_select(0, p.blocks).float()  # [n, KVH, bs, D], a copy
+    v = value_cache.index_select(0, p.blocks).float()
+    v[-1].masked_fill_(p.last_invalid.view(1, bs, 1), 0.0)  # unwritten slots: 0 * NaN = NaN
+    q = query.float().view(1, kv_heads, group, d)
+    scores = torch.matmul(q, k.transpose(2, 3))  # [n, KVH, G, bs]
+    scores = scores.permute(1, 2, 0, 3).reshape(kv_heads, group, n * bs).mul_(scale)
+    rel = p.rel.view(1, 1, n * bs)  # keys in order: block by block
+    if alibi_slopes is not None:
+        scores.add_(alibi_slopes.view(kv_heads, group, 1) * rel)
+    probs = torch.softmax(scores.masked_fill_(rel > 0, NEG_INF), dim=-1)
+    probs = probs.view(kv_heads, group, n, bs).permute(2, 0, 1, 3)  # [n, KVH, G, bs]
+    out = torch.matmul(probs, v).sum(0)  # [KVH, G, D]
+    return out.view(1, heads, d).to(query.dtype)

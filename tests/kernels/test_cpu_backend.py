@@ -80,6 +80,23 @@ def test_decode_after_prefill(block_size, kv_heads, alibi, dtype):
     check(passes, [n + 2 for n in prompts], block_size, kv_heads, dtype, alibi, seed=2)
 
 
+@BLOCK_SIZES
+@KV_HEADS
+@ALIBI
+@DTYPES
+@pytest.mark.parametrize("poison", [False, True], ids=["clean", "nan-cache"])
+def test_decode_of_one_sequence(block_size, kv_heads, alibi, dtype, poison):
+    """Batch-1 decode has its own path (one softmax over the gathered blocks): each sequence
+    decodes alone, at lengths ending inside, at the end of and just past a block, with NaN in the
+    unwritten slots of its last block in the poisoned case."""
+    prompts = [1, block_size - 1, block_size, 2 * block_size + 3]
+    seqs = range(len(prompts))
+    passes = [(seqs, [(0, n) for n in prompts], True)]
+    passes += [([i], [(n + s, n + s + 1)], False) for s in range(2) for i, n in enumerate(prompts)]
+    check(passes, [n + 2 for n in prompts], block_size, kv_heads, dtype, alibi, seed=7,
+          poison=poison)
+
+
 @KV_HEADS
 @ALIBI
 def test_garbage_in_unused_cache_does_not_leak(kv_heads, alibi):
