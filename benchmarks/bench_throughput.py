@@ -18,7 +18,8 @@ machine is shared and absolute figures move between runs):
    the highest bandwidth gives the strictest bound).
 3. **Host time per decode step** at ``--host-batch`` requests on a tiny model (in process, one
    torch thread): ``Generator.decode`` plus the response's protobuf, minus the model's forward
-   and LM head.
+   and LM head; with the CPU attention backend's per-pass plan as its own figure, and the same
+   host time with the NPU backend's plan in its place (the NPU path's host work).
 
 The model is the bloom-560m shape (24 layers, hidden 1024, 16 heads, 250,880 vocabulary) with
 random weights, written locally with ``tgi_npu_backend.demo.write_checkpoint`` (the tests'
@@ -27,6 +28,7 @@ checkpoint generator) and reused from ``--model-dir`` on later runs.
     python benchmarks/bench_throughput.py                 # everything once (~8 min on 2 cores)
     python benchmarks/bench_throughput.py --rounds 3      # shard and HF alternated three times
     python benchmarks/bench_throughput.py --skip-hf --skip-batch1 --py-spy /tmp/shard.txt
+    python benchmarks/bench_throughput.py --host-only     # only the host time per step (~1 min)
 """
 
 from __future__ import annotations
@@ -261,9 +263,14 @@ def linears_alone(model, repeats: int = 5) -> float:
 
 
 # ---------------------------------------------------------------------------------- host time
-def host_time(batch: int, steps: int) -> dict:
+def host_time(batch: int, steps: int, rounds: int = 3) -> dict:
     """Per decode step of ``batch`` requests on a tiny BLOOM, in process: the Decode handler's
-    time (``Generator.decode`` + the response protobuf) minus the model forward and LM head."""
+    time (``Generator.decode`` + the response protobuf) minus the model forward and LM head.
+
+    Also split out: the CPU attention backend's per-pass plan (``CpuBackend.prepare``, its index
+    arrays), and what the NPU backend's ``prepare`` costs on the host for the same metadata, to
+    give the host time of the NPU path (on an NPU the plan is that backend's). ``rounds`` batches
+    of ``steps`` steps each; the figures are the median over rounds of each round's p50/p90."""
     from router_sim import params, text_input
     from tgi_npu_backend.launcher.allocator import BlockAllocator
     from tgi_npu_backend.launcher.warmup import build_warmup_request
@@ -271,45 +278,67 @@ def host_time(batch: int, steps: int) -> dict:
     from tgi_npu_backend.config import ServerConfig
     from tgi_npu_backend.demo import write_checkpoint
     from tgi_npu_backend import wire
+    from tgi_npu_backend.kernels.npu import NpuBackend
     from tgi_npu_backend.load import build_generator
 
     tiny = write_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "bloom", seed=0)
     gen = build_generator(ServerConfig(model_id=str(tiny), device="cpu", kv_cache_fraction=0.01))
     warm = build_warmup_request(64, 512, 128, None)
     gen.warmup(wire.batch_requests(warm.batch), 64, 512, 128)
-    model_s = [0.0]
+    spent = {"model": 0.0, "plan": 0.0, "npu_plan": 0.0}
+    npu = NpuBackend()
 
-    def timed(fn):
+    def timed(fn, key):
         def wrapper(*a, **k):
             t = now()
             try:
                 return fn(*a, **k)
             finally:
-                model_s[0] += now() - t
+                spent[key] += now() - t
         return wrapper
 
-    gen.model.forward = timed(gen.model.forward)
-    gen.model.compute_logits = timed(gen.model.compute_logits)
-    alloc = BlockAllocator(gen.kv_cache.num_slots, gen.block_size)
-    reqs = []
-    for i in range(batch):
-        a = alloc.allocate(16 + steps + 1)
-        text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(12))
-        reqs.append(pb.Request(
-            id=i, inputs=text, input_chunks=text_input(text), truncate=16, parameters=params(),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 1, ignore_eos_token=True),
-            blocks=list(a.blocks), slots=list(a.slots)))
-    out = gen.prefill(0, wire.batch_requests(pb.Batch(id=0, requests=reqs, size=batch)))
-    host, total = [], []
-    for _ in range(steps):
-        model_s[0] = 0.0
+    gen.model.forward = timed(gen.model.forward, "model")
+    gen.model.compute_logits = timed(gen.model.compute_logits, "model")
+    cpu_prepare = timed(gen.runner.backend.prepare, "plan")
+
+    def prepare(meta):
         t = now()
-        out = gen.decode([0])
-        wire.step_pb(out, pb.DecodeResponse)
-        dt = now() - t
-        total.append(dt)
-        host.append(dt - model_s[0])
-    return {"host_p50": pct(host, 50), "host_p90": pct(host, 90), "step_p50": pct(total, 50)}
+        npu.prepare(meta)  # the NPU path's plan for the same pass (result unused)
+        spent["npu_plan"] += now() - t
+        return cpu_prepare(meta)
+
+    gen.runner.backend.prepare = prepare
+    per_round: dict[str, list[float]] = {}
+    for r in range(rounds):
+        alloc = BlockAllocator(gen.kv_cache.num_slots, gen.block_size)
+        reqs = []
+        for i in range(batch):
+            a = alloc.allocate(16 + steps + 1)
+            text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(12))
+            reqs.append(pb.Request(
+                id=i, inputs=text, input_chunks=text_input(text), truncate=16, parameters=params(),
+                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 1, ignore_eos_token=True),
+                blocks=list(a.blocks), slots=list(a.slots)))
+        out = gen.prefill(r, wire.batch_requests(pb.Batch(id=r, requests=reqs, size=batch)))
+        host, plan, npu_path, total = [], [], [], []
+        for _ in range(steps):
+            for k in spent:
+                spent[k] = 0.0
+            t = now()
+            out = gen.decode([r])
+            wire.step_pb(out, pb.DecodeResponse)
+            dt = now() - t - spent["npu_plan"]  # the NPU plan is not part of the CPU step
+            total.append(dt)
+            host.append(dt - spent["model"])
+            plan.append(spent["plan"])
+            npu_path.append(dt - spent["model"] - spent["plan"] + spent["npu_plan"])
+        gen.clear(None)
+        for key, values in (("host", host), ("plan", plan), ("npu_path", npu_path), ("step", total)):
+            per_round.setdefault(f"{key}_p50", []).append(pct(values, 50))
+            per_round.setdefault(f"{key}_p90", []).append(pct(values, 90))
+    out = {k: statistics.median(v) for k, v in per_round.items()}
+    out["host_p50_rounds"] = per_round["host_p50"]
+    return out
 
 
 # ---------------------------------------------------------------------------------- main
@@ -332,13 +361,18 @@ def main() -> None:
     p.add_argument("--batch1-new-tokens", type=int, default=32)
     p.add_argument("--host-batch", type=int, default=32)
     p.add_argument("--host-steps", type=int, default=100)
+    p.add_argument("--host-rounds", type=int, default=3)
     p.add_argument("--kv-cache-fraction", type=float, default=0.12)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-batch1", action="store_true")
     p.add_argument("--skip-host", action="store_true")
+    p.add_argument("--host-only", action="store_true", help="only the host time per step")
     p.add_argument("--py-spy", type=Path, default=None,
                    help="record the shard with py-spy during the first throughput run (raw stacks here)")
     args = p.parse_args()
+    if args.host_only:
+        host_report(args)
+        return
 
     model_dir = ensure_checkpoint(args.model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -420,14 +454,22 @@ def main() -> None:
     with_shard(model_dir, uds, session, args.kv_cache_fraction)
     hf = None  # free its memory before the host-time part
     if not args.skip_host:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small ops: no waiting on a second, busy core
-        h = host_time(args.host_batch, args.host_steps)
-        torch.set_num_threads(threads)
-        print(f"host time per decode step at batch {args.host_batch} (tiny BLOOM, 1 torch thread, "
-              f"model forward and LM head excluded): p50 {h['host_p50'] * 1e3:.2f} ms, "
-              f"p90 {h['host_p90'] * 1e3:.2f} ms (whole step p50 {h['step_p50'] * 1e3:.2f} ms; "
-              f"goal < 1 ms)")
+        host_report(args)
+
+
+def host_report(args) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: no waiting on a second, busy core
+    h = host_time(args.host_batch, args.host_steps, args.host_rounds)
+    torch.set_num_threads(threads)
+    print(f"host time per decode step at batch {args.host_batch} (tiny BLOOM, 1 torch thread, "
+          f"model forward and LM head excluded; median of {args.host_rounds} rounds of "
+          f"{args.host_steps} steps, the rounds' p50s "
+          f"{' / '.join(f'{x * 1e3:.2f}' for x in h['host_p50_rounds'])} ms): "
+          f"p50 {h['host_p50'] * 1e3:.2f} ms, p90 {h['host_p90'] * 1e3:.2f} ms (goal < 1 ms); "
+          f"of which the CPU attention plan p50 {h['plan_p50'] * 1e3:.2f} ms; with the NPU "
+          f"backend's plan instead (the NPU path's host work) p50 {h['npu_path_p50'] * 1e3:.2f} "
+          f"ms, p90 {h['npu_path_p90'] * 1e3:.2f} ms; whole step p50 {h['step_p50'] * 1e3:.2f} ms")
 
 
 def report(name: str, r: dict) -> None:
