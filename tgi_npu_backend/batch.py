@@ -192,9 +192,8 @@ class Batch:
 
     @property
     def prefilling(self) -> bool:
-        """Some request's prompt is not all in the KV cache yet (``Request.prefilled``, inlined:
-        this runs on every step)."""
-        return any(r.cursor < r.prompt_len for r in self.requests)
+        """Some request's prompt is not all in the KV cache yet."""
+        return any(not r.prefilled for r in self.requests)
 
     @cached_property
     def wants_top_tokens(self) -> bool:
@@ -250,7 +249,5 @@ class Batch:
             request_ids=self.request_ids,
             size=len(self.requests),  # includes just-finished requests (router filters them)
             max_tokens=self._blocks_held * block_size,
-            current_tokens=(
-                sum(r.query_len for r in self.requests) if self.prefilling else len(self.requests)
-            ),
+            current_tokens=sum(r.query_len for r in self.requests),
         )

@@ -205,7 +205,8 @@ class TokenChooser:
         if batch != len(self.params) or (input_ids is not None and len(input_ids) != batch):
             raise ValueError(
                 f"TokenChooser holds {len(self.params)} requests but got logits for {batch} and "
-                f"input_ids for {len(input_ids)}: filter/concatenate the chooser with the batch"
+                f"input_ids for {'no' if input_ids is None else len(input_ids)}: "
+                "filter/concatenate the chooser with the batch"
             )
         # [B, V]; every step below is out of place: the caller's logits are never modified.
         scores = logits.to(device=self.device, dtype=torch.float32)

@@ -173,9 +173,7 @@ class IncrementalDetokenizer:
         self._settled = None
         self._generated.append(token_id)
         self._window.append(token_id)
-        prefix_text = self._prefix_text
-        if prefix_text is None:
-            prefix_text = self._prefix_text = self._decode(self._window[self._prefix : self._read])
+        prefix_text = self._prefix_window_text()
         new_text = self._decode(self._window[self._prefix :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             # incomplete character (or nothing visible yet): hold back; the offsets stay, and so
@@ -188,6 +186,12 @@ class IncrementalDetokenizer:
         self._prefix_text = None
         self._pieces.append(piece)
         return piece
+
+    def _prefix_window_text(self) -> str:
+        """``window[prefix:read]`` decoded, kept until the offsets move."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._window[self._prefix : self._read])
+        return self._prefix_text
 
     def final_text(self) -> str:
         """The request's generated text (TGI's ``GeneratedText.text``, see the class docstring)."""
@@ -220,7 +224,7 @@ class IncrementalDetokenizer:
             # one preceding token changed the decoding (e.g. a prompt ending inside a UTF-8
             # character, or a decoder that looks further back). Streamed text cannot be taken
             # back, so the final text becomes the stream plus the window's unread text.
-            prefix_text = self._decode(self._window[self._prefix : self._read])
+            prefix_text = self._prefix_window_text()
             new_text = self._decode(self._window[self._prefix :])
             tail = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
             self._settled = (streamed + tail, tail)

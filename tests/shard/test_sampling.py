@@ -365,3 +365,5 @@ def test_history_is_read_only_by_the_processors_that_need_it():
     assert penalised.uses_history
     with pytest.raises(ValueError, match="pass input_ids"):
         penalised(logits[:1])
+    with pytest.raises(ValueError, match="logits for 3 and input_ids for no"):
+        plain(torch.randn(3, VOCAB))  # the wrong batch size is named even without a history

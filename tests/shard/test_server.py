@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from router_sim import RouterSim, start_shard
-from served_equal import logprob_tolerance, same_top_tokens
+from served_equal import FLOAT32_TOLERANCE, logprob_tolerance, same_top_tokens
 from tgi_npu_backend.launcher.allocator import BlockAllocator
 from tgi_npu_backend.pb import generate_pb2 as pb
 
@@ -75,7 +75,7 @@ def alone(sim: RouterSim, spec: dict):
     return sim.run({0: [req]})[req.id]
 
 
-def same(x, y, cancelled: bool = False, tol: float = 1e-4):
+def same(x, y, cancelled: bool = False, tol: float = FLOAT32_TOLERANCE):
     if cancelled:  # a cancelled request's tokens are a prefix of its solo run
         assert x.ids == y.ids[: len(x.ids)] and x.generated_text is None
         return
