@@ -120,7 +120,7 @@ class AttentionMetadata:
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
-        to_device = _host_to_device(device)
+        to_device = host_to_device(device)
         return cls(
             phase=phase,
             slot_mapping=to_device(torch.tensor(slot_mapping, dtype=torch.int64)),
@@ -150,7 +150,7 @@ def _first_of_each_slot(slots: list[int]) -> list[int] | None:
     return rows
 
 
-def _host_to_device(device: torch.device):
+def host_to_device(device: torch.device):
     """Host tensor -> ``device``. On an accelerator the copy goes from pinned memory and does not
     block the host (the step's kernels queue behind it on the same stream); on CPU it is a no-op."""
     if device.type == "cpu":

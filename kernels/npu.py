@@ -441,16 +441,14 @@ class NpuBackend(ReferenceBackend):
         tensor and list: the ATB ops read lengths on the host)."""
 
         def build() -> tuple[Tensor, Tensor, list[int]]:
-            if meta.phase is Phase.DECODE:
-                lens_list = list(meta.seq_lens_list)  # decode: one token per sequence
-                table = meta.block_tables
-            else:
-                lens_list, owners = [], []
-                for i, (ctx, q) in enumerate(zip(meta.context_lens_list, meta.query_lens_list)):
-                    lens_list += range(ctx + 1, ctx + q + 1)
-                    owners += [i] * q
-                index = _to_device(torch.tensor(owners, dtype=torch.int64), meta.block_tables.device)
-                table = meta.block_tables.index_select(0, index)
+            if meta.phase is Phase.DECODE:  # one token per sequence: the sequences' own
+                return meta.block_tables, self._host_lens(meta), list(meta.seq_lens_list)
+            lens_list, owners = [], []
+            for i, (ctx, q) in enumerate(zip(meta.context_lens_list, meta.query_lens_list)):
+                lens_list += range(ctx + 1, ctx + q + 1)
+                owners += [i] * q
+            index = _to_device(torch.tensor(owners, dtype=torch.int64), meta.block_tables.device)
+            table = meta.block_tables.index_select(0, index)
             return table, torch.tensor(lens_list, dtype=torch.int32), lens_list
 
         return self._cached(meta, ("token_tables",), build)

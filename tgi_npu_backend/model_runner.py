@@ -5,22 +5,24 @@ prompt position only for requests that asked for prompt logprobs (and then in ch
 the logprob of the next prompt token at once) — with a 250k vocabulary the LM head over every
 prompt token costs more than the rest of the model.
 
-Decode steps are built incrementally: a decoding batch keeps its block table, positions and the
-token ids its last step chose as tensors (``DecodeInputs``), and each step moves every request one
-position on with a few ``[B]``-sized tensor ops. Nothing is rebuilt from the requests' Python
-lists unless the batch changed (prefill, filter, concatenate), and no step reads a device tensor
-back to the host: the host copies of the lengths that the NPU kernels take are advanced on the
-host.
+Decode steps are built incrementally: a decoding batch keeps its block table and positions on
+the host (numpy) and the token ids its last step chose on the device (``DecodeInputs``); each
+step moves every request one position on with a few ``[B]``-sized numpy ops and copies the
+positions, slots and lengths to the device (vLLM's input batch works the same way). Nothing is
+rebuilt from the requests' Python lists unless the batch changed (prefill, filter,
+concatenate), and no step reads a device tensor back to the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from tgi_npu_backend.kernels import AttentionBackend, AttentionMetadata, Phase
+from tgi_npu_backend.kernels.base import host_to_device
 from tgi_npu_backend.models.base import CausalLM
 
 from .batch import Batch
@@ -38,9 +40,13 @@ class StepLogits:
     prompt_logprobs: list[list[float] | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class DecodeInputs:
     """A decoding batch's step inputs, carried from one step to the next.
+
+    The positions and the block table stay on the host (numpy): each step's positions, slots and
+    lengths come from a handful of ``[B]``-sized numpy operations and go to the device as four
+    small host-to-device copies; only the token ids stay on the device (the last step's choice).
 
     ``requests`` is the batch's own list object: a filtered or concatenated batch has a new list,
     and gets new inputs. ``first_len`` (``len(tokens)`` of the first request when the step was
@@ -49,11 +55,8 @@ class DecodeInputs:
 
     requests: list[Request]
     block_tables: Tensor  # [B, max_blocks] int32 (device), fixed for the batch's life
-    positions: Tensor  # [B] int64 (device), position of each request's token in this step
-    seq_lens: Tensor  # [B] int32 (device), positions + 1
-    context_lens: Tensor  # [B] int32 (device), positions (the last step's seq_lens)
-    seq_lens_list: list[int]  # the same on the host (the kernels' host length lists)
-    context_lens_list: list[int]
+    table: np.ndarray  # the same on the host
+    positions: np.ndarray  # [B] int64, position of each request's token in this step
     max_seq_len: int  # max(positions) + 1
     cu_seqlens_q: Tensor  # [B + 1] int32 (device), 0..B
     query_lens: list[int]  # [1] * B
@@ -62,17 +65,13 @@ class DecodeInputs:
     next_ids: Tensor | None = None  # [B] int64 (device), the tokens this step chose
 
     def advanced(self) -> DecodeInputs:
-        """The next step's inputs: one position on, the chosen tokens as input (this step's
-        lengths become the next step's context lengths)."""
+        """The next step's inputs: one position on, the chosen tokens as input."""
         assert self.next_ids is not None
         return DecodeInputs(
             requests=self.requests,
             block_tables=self.block_tables,
+            table=self.table,
             positions=self.positions + 1,
-            seq_lens=self.seq_lens + 1,
-            context_lens=self.seq_lens,
-            seq_lens_list=[n + 1 for n in self.seq_lens_list],
-            context_lens_list=self.seq_lens_list,
             max_seq_len=self.max_seq_len + 1,
             cu_seqlens_q=self.cu_seqlens_q,
             query_lens=self.query_lens,
@@ -80,21 +79,26 @@ class DecodeInputs:
             input_ids=self.next_ids,
         )
 
-    def metadata(self, block_size: int) -> AttentionMetadata:
+    def metadata(self, block_size: int) -> tuple[Tensor, AttentionMetadata]:
+        """This step's positions (on the device) and attention metadata."""
         pos = self.positions
-        block = self.block_tables.gather(1, (pos // block_size)[:, None]).squeeze(1)
-        return AttentionMetadata(
+        seq_lens = pos + 1
+        rows = np.arange(len(pos))
+        slots = self.table[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        device = self.input_ids.device
+        upload = host_to_device(device)
+        return upload(torch.from_numpy(pos)), AttentionMetadata(
             phase=Phase.DECODE,
-            slot_mapping=block.long() * block_size + pos % block_size,
+            slot_mapping=upload(torch.from_numpy(slots)),
             block_tables=self.block_tables,
-            seq_lens=self.seq_lens,
-            context_lens=self.context_lens,
+            seq_lens=upload(torch.from_numpy(seq_lens.astype(np.int32))),
+            context_lens=upload(torch.from_numpy(pos.astype(np.int32))),
             cu_seqlens_q=self.cu_seqlens_q,
             max_seqlen_q=1,
             max_seqlen_k=self.max_seq_len,
             block_size=block_size,
-            seq_lens_list=self.seq_lens_list,
-            context_lens_list=self.context_lens_list,
+            seq_lens_list=seq_lens.tolist(),
+            context_lens_list=pos.tolist(),
             query_lens_list=self.query_lens,
         )
 
@@ -142,9 +146,11 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         return input_ids, pos, meta
 
-    def decode_inputs(self, batch: Batch, block_size: int) -> tuple[DecodeInputs, AttentionMetadata]:
-        """This decode step's inputs: the last step's advanced when it was this batch's, else
-        built from the requests."""
+    def decode_inputs(
+        self, batch: Batch, block_size: int
+    ) -> tuple[DecodeInputs, Tensor, AttentionMetadata]:
+        """This decode step's inputs (and its positions and metadata): the last step's advanced
+        when it was this batch's, else built from the requests."""
         last, reqs = self._decode, batch.requests
         if (
             last is not None
@@ -153,23 +159,24 @@ class ModelRunner:
             and len(reqs[0].tokens) == last.first_len + 1
         ):
             step = last.advanced()
-            return step, step.metadata(block_size)
+            positions, meta = step.metadata(block_size)
+            return step, positions, meta
         input_ids, positions, meta = self.build_inputs(batch, block_size)
+        table = np.zeros(tuple(meta.block_tables.shape), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            table[i, : len(r.blocks)] = r.blocks
         step = DecodeInputs(
             requests=reqs,
             block_tables=meta.block_tables,
-            positions=positions,
-            seq_lens=meta.seq_lens,
-            context_lens=meta.context_lens,
-            seq_lens_list=meta.seq_lens_list,
-            context_lens_list=meta.context_lens_list,
+            table=table,
+            positions=np.array(meta.context_lens_list, dtype=np.int64),  # decode: position = context
             max_seq_len=meta.max_seqlen_k,
             cu_seqlens_q=meta.cu_seqlens_q,
             query_lens=meta.query_lens_list,
             first_len=len(reqs[0].tokens),
             input_ids=input_ids,
         )
-        return step, meta
+        return step, positions, meta
 
     @torch.inference_mode()
     def forward(self, batch: Batch, kv_cache: KVCache) -> StepLogits:
@@ -177,8 +184,8 @@ class ModelRunner:
             input_ids, positions, meta = self.build_inputs(batch, kv_cache.block_size)
             step = None
         else:
-            step, meta = self.decode_inputs(batch, kv_cache.block_size)
-            input_ids, positions = step.input_ids, step.positions
+            step, positions, meta = self.decode_inputs(batch, kv_cache.block_size)
+            input_ids = step.input_ids
         meta = self.backend.prepare(meta)  # once per pass, read by every layer
         hidden = self.model(input_ids, positions, kv_cache.caches, meta)  # [T, hidden]
         # kept only once the forward pass ran: a Decode that fails is retried from the same inputs
