@@ -16,8 +16,8 @@ machine is shared and absolute figures move between runs):
    inter-token latency vs HF's KV-cache loop, and vs ``weight bytes / GEMV bandwidth`` (a
    ``[rows, hidden] @ [hidden]`` GEMV over 1 GiB, MKL's and oneDNN's, timed before and after;
    the highest bandwidth gives the strictest bound).
-3. **Host time per decode step** at ``--host-batch`` requests on a tiny model (in process, one
-   torch thread): ``Generator.decode`` plus the response's protobuf, minus the model's forward
+3. **Host time per decode step** at ``--host-batch`` requests on a tiny model (in a process of
+   its own, one torch thread): ``Generator.decode`` plus the response's protobuf, minus the model's forward
    and LM head; with the CPU attention backend's per-pass plan as its own figure, and the same
    host time with the NPU backend's plan in its place (the NPU path's host work).
 
@@ -452,9 +452,14 @@ def main() -> None:
               f"alone, back to back: {ms(lin)} ({100 * bound / lin:.0f}% of the bound)", flush=True)
 
     with_shard(model_dir, uds, session, args.kv_cache_fraction)
-    hf = None  # free its memory before the host-time part
     if not args.skip_host:
-        host_report(args)
+        # NOTE: in a fresh process, as the shard's own. After two-threaded torch work on the same
+        # thread, the one-thread loop runs ~1.5x slower: host p50 1.65-1.70 against 1.09-1.11 ms
+        # fresh (20 2048^2 matmuls first, alternated twice); 1.99 against 1.29 ms after this
+        # script's HF runs. OMP_WAIT_POLICY=passive did not change it (1.83 ms); cause not found.
+        subprocess.run([sys.executable, __file__, "--host-only", "--host-batch", str(args.host_batch),
+                        "--host-steps", str(args.host_steps), "--host-rounds", str(args.host_rounds)],
+                       check=True)
 
 
 def host_report(args) -> None:
