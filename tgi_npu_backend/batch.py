@@ -82,7 +82,10 @@ def _check_kv(ctx: BatchContext, r: RequestSpec, prompt_len: int, max_new: int) 
     return slots[:need]
 
 
-def _duplicates(ids: list[int]) -> list[int]:
+def duplicates(ids: list[int]) -> list[int]:
+    """The ids listed more than once, sorted (checked on every step: the common case first)."""
+    if len(set(ids)) == len(ids):
+        return []
     return sorted(i for i, n in Counter(ids).items() if n > 1)
 
 
@@ -169,7 +172,7 @@ class Batch:
     ) -> Batch:
         if not specs:
             raise InvalidRequestError(f"batch {batch_id} has no requests")
-        dup = _duplicates([r.id for r in specs])
+        dup = duplicates([r.id for r in specs])
         if dup and not warmup:  # warmup requests all have id 0
             raise InvalidRequestError(
                 f"batch {batch_id} holds request id(s) {dup} more than once; request ids must be unique"
@@ -212,7 +215,7 @@ class Batch:
             raise InvalidRequestError(f"batch {self.id} has no request(s) {missing}")
         if not request_ids:
             raise InvalidRequestError(f"FilterBatch for batch {self.id} keeps no request; use ClearCache")
-        dup = _duplicates(request_ids)
+        dup = duplicates(request_ids)
         if dup:
             raise InvalidRequestError(
                 f"FilterBatch for batch {self.id} lists request id(s) {dup} more than once; list each once"
@@ -223,7 +226,7 @@ class Batch:
     @classmethod
     def concatenate(cls, batches: list[Batch]) -> Batch:
         """Merge batches in order; the first batch's id is kept (as TGI)."""
-        dup = _duplicates([r.id for b in batches for r in b.requests])
+        dup = duplicates([r.id for b in batches for r in b.requests])
         if dup:
             raise InvalidRequestError(
                 f"batches {[b.id for b in batches]} share request id(s) {dup}; a request lives in one batch"

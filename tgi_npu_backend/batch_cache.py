@@ -13,11 +13,9 @@ unknown id is a no-op, as in TGI.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
-from .batch import Batch
+from .batch import Batch, duplicates
 from .errors import BatchNotFoundError, InvalidRequestError
 
 
@@ -56,7 +54,7 @@ class BatchCache:
         """The cached batches a Decode names, checked; they stay cached until the step succeeds."""
         if not batch_ids:
             raise InvalidRequestError("Decode needs at least one batch")
-        dup = sorted(i for i, n in Counter(batch_ids).items() if n > 1)
+        dup = duplicates(batch_ids)
         if dup:
             raise InvalidRequestError(
                 f"Decode lists batch id(s) {dup} more than once; list each cached batch once"
