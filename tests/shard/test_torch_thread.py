@@ -8,6 +8,8 @@ That made a bloom-560m decode step ~1.45x slower on 2 cores (the README's Perfor
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -59,3 +61,20 @@ def test_the_model_loads_on_the_thread_that_runs_the_steps(monkeypatch):
     assert set(gen.threads) == {"load", "clear", "health"}
     assert len(set(gen.threads.values())) == 1, gen.threads
     assert gen.threads["load"] != threading.get_ident(), "not the main thread: it runs the event loop"
+
+
+def test_the_stepping_thread_flushes_denormals_on_a_cpu_platform():
+    """``Platform.set_device`` (run by the thread that loads and then steps) turns on
+    flush-to-zero for a model on the CPU: a float32 denormal reads as zero there afterwards. In a
+    fresh interpreter, since the flag is per thread and this test process may have it set."""
+    probe = (
+        "import torch\n"
+        "from tgi_npu_backend.device import CPU\n"
+        "x = torch.tensor([1e-39])\n"
+        "before = float(x * 1.0)\n"
+        "CPU.set_device()\n"
+        "print(before > 0.0, float(x * 1.0) == 0.0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
