@@ -74,6 +74,9 @@ class AttentionMetadata:
     seq_lens_list: list[int]
     context_lens_list: list[int]
     query_lens_list: list[int]
+    # ``seq_lens_list`` as a host int32 tensor, when the runner made one anyway (a decode step
+    # builds its lengths on the host before copying them): the NPU ops' host lengths
+    seq_lens_host: Tensor | None = None
     # Prefill only: when two tokens of the pass map to one slot (two identical prompts whose
     # blocks the prefix cache shares, each recomputing the last position), the rows to store:
     # the first token of each slot. None when every slot is distinct (always in decode).

@@ -432,6 +432,8 @@ class NpuBackend(ReferenceBackend):
 
     def _host_lens(self, meta: AttentionMetadata) -> Tensor:
         # NOTE: the ATB ops read lengths on the host (vllm-ascend passes a CPU int32 tensor).
+        if meta.seq_lens_host is not None:
+            return meta.seq_lens_host
         return self._cached(
             meta, ("lens",), lambda: torch.tensor(meta.seq_lens_list, dtype=torch.int32)
         )

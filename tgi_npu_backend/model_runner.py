@@ -87,11 +87,12 @@ class DecodeInputs:
         slots = self.table[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
         device = self.input_ids.device
         upload = host_to_device(device)
+        seq_lens_host = torch.from_numpy(seq_lens.astype(np.int32))
         return upload(torch.from_numpy(pos)), AttentionMetadata(
             phase=Phase.DECODE,
             slot_mapping=upload(torch.from_numpy(slots)),
             block_tables=self.block_tables,
-            seq_lens=upload(torch.from_numpy(seq_lens.astype(np.int32))),
+            seq_lens=upload(seq_lens_host),
             context_lens=upload(torch.from_numpy(pos.astype(np.int32))),
             cu_seqlens_q=self.cu_seqlens_q,
             max_seqlen_q=1,
@@ -100,6 +101,7 @@ class DecodeInputs:
             seq_lens_list=seq_lens.tolist(),
             context_lens_list=pos.tolist(),
             query_lens_list=self.query_lens,
+            seq_lens_host=seq_lens_host,
         )
 
 

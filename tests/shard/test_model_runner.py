@@ -71,7 +71,7 @@ class Shard:
 def test_incremental_decode_inputs_equal_rebuilt_ones(fixture, request, monkeypatch):
     shard = Shard(request.getfixturevalue(fixture))
     runner = shard.gen.runner
-    seen = {"steps": 0, "advanced": 0}
+    seen = {"steps": 0, "advanced": 0, "host_lens": 0}
     expected = {}
 
     forward = runner.forward
@@ -93,6 +93,10 @@ def test_incremental_decode_inputs_equal_rebuilt_ones(fixture, request, monkeypa
             assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), name
         for name in META_VALUES:
             assert getattr(meta, name) == getattr(rebuilt, name), name
+        if meta.seq_lens_host is not None:  # an advanced step's host lengths (the NPU ops' input)
+            seen["host_lens"] += 1
+            assert meta.seq_lens_host.device.type == "cpu" and meta.seq_lens_host.dtype == torch.int32
+            assert meta.seq_lens_host.tolist() == rebuilt.seq_lens_list
 
     advanced = DecodeInputs.advanced
 
@@ -109,7 +113,7 @@ def test_incremental_decode_inputs_equal_rebuilt_ones(fixture, request, monkeypa
         handle.remove()
     # 19 decode steps; rebuilt: the first, the one after the concatenation, and the one after
     # each filter (request 0 ends at step 5, batch B's request at step 14)
-    assert seen["steps"] == 19 and seen["advanced"] == 15
+    assert seen["steps"] == 19 and seen["advanced"] == 15 and seen["host_lens"] == 15
 
 
 def test_tokens_equal_a_run_that_rebuilds_every_step(bloom_dir, monkeypatch):
