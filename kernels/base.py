@@ -25,6 +25,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -115,11 +116,7 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Build metadata from host lists (one entry per sequence)."""
         seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
-        max_blocks = max((len(b) for b in block_tables), default=0)
-        table = torch.zeros((len(block_tables), max(max_blocks, 1)), dtype=torch.int32)
-        for i, blocks in enumerate(block_tables):
-            if blocks:
-                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        table = torch.from_numpy(padded_block_table(block_tables))
         cu = [0]
         for q in query_lens:
             cu.append(cu[-1] + q)
@@ -139,6 +136,16 @@ class AttentionMetadata:
             query_lens_list=list(query_lens),
             store_rows=None if phase is Phase.DECODE else _first_of_each_slot(slot_mapping),
         )
+
+
+def padded_block_table(block_tables: list[list[int]]) -> np.ndarray:
+    """``[B, max_blocks]`` int32 on the host, each row's block ids padded with 0 (at least one
+    column)."""
+    max_blocks = max((len(b) for b in block_tables), default=0)
+    table = np.zeros((len(block_tables), max(max_blocks, 1)), dtype=np.int32)
+    for i, blocks in enumerate(block_tables):
+        table[i, : len(blocks)] = blocks
+    return table
 
 
 def _first_of_each_slot(slots: list[int]) -> list[int] | None:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from tgi_npu_backend.kernels import AttentionBackend, AttentionMetadata, Phase
-from tgi_npu_backend.kernels.base import host_to_device
+from tgi_npu_backend.kernels.base import host_to_device, padded_block_table
 from tgi_npu_backend.models.base import CausalLM
 
 from .batch import Batch
@@ -164,13 +164,12 @@ class ModelRunner:
             positions, meta = step.metadata(block_size)
             return step, positions, meta
         input_ids, positions, meta = self.build_inputs(batch, block_size)
-        table = np.zeros(tuple(meta.block_tables.shape), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            table[i, : len(r.blocks)] = r.blocks
         step = DecodeInputs(
             requests=reqs,
             block_tables=meta.block_tables,
-            table=table,
+            # the host copy of the table ``build`` uploaded (rebuilt: on an accelerator the
+            # metadata holds only the device one; a batch change is rare)
+            table=padded_block_table([r.blocks for r in reqs]),
             positions=np.array(meta.context_lens_list, dtype=np.int64),  # decode: position = context
             max_seq_len=meta.max_seqlen_k,
             cu_seqlens_q=meta.cu_seqlens_q,
