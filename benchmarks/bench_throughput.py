@@ -158,16 +158,26 @@ def summarize(times: dict[int, list[float]], t0: float, elapsed: float) -> dict:
             "itl_p50": pct(itl, 50), "itl_p90": pct(itl, 90), "itl_mean": statistics.fmean(itl) if itl else 0.0}
 
 
-def with_shard(model_dir: Path, uds: str, fn, kv_fraction: float):
+def with_shard(model_dir: Path, uds: str, fn, kv_fraction: float, cpu_gemm: str | None):
     """Run ``fn(proc)`` with a shard up; its output goes to ``{uds}.log`` (a pipe nobody reads
-    would fill and stall it)."""
-    proc = start_shard(model_dir, uds, env={"TGI_NPU_KV_CACHE_FRACTION": str(kv_fraction)},
-                       extra_args=["--logger-level", "WARN"], timeout=600)
-    log = open(f"{uds}.log", "w")  # noqa: SIM115 (closed below)
+    would fill and stall it). Prints how the shard runs its float32 linears (its log says)."""
+    env = {"TGI_NPU_KV_CACHE_FRACTION": str(kv_fraction)}
+    if cpu_gemm:
+        env["TGI_NPU_CPU_GEMM"] = cpu_gemm
+    proc = start_shard(model_dir, uds, env=env, extra_args=["--logger-level", "INFO"], timeout=600)
+    log = open(f"{uds}.log", "w", buffering=1)  # noqa: SIM115 (closed below)
     drains = [threading.Thread(target=lambda s=s: [log.write(x) for x in s], daemon=True)
               for s in (proc.stdout, proc.stderr)]
     for t in drains:
         t.start()
+    time.sleep(1.0)  # the startup lines reach the log
+    for line in Path(f"{uds}.log").read_text().splitlines():
+        if "float32 CPU linears" in line or "reordered into oneDNN" in line:
+            try:
+                line = json.loads(line)["text"]
+            except (ValueError, KeyError):
+                pass
+            print("shard: " + line.strip(), flush=True)
     try:
         return fn(proc)
     except BaseException:
@@ -363,6 +373,8 @@ def main() -> None:
     p.add_argument("--host-steps", type=int, default=100)
     p.add_argument("--host-rounds", type=int, default=3)
     p.add_argument("--kv-cache-fraction", type=float, default=0.12)
+    p.add_argument("--cpu-gemm", choices=("auto", "packed", "plain"), default=None,
+                   help="the shard's TGI_NPU_CPU_GEMM (default: as in this environment, else auto)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-batch1", action="store_true")
     p.add_argument("--skip-host", action="store_true")
@@ -451,7 +463,7 @@ def main() -> None:
               f"{100 * bound / mine['itl_p50']:.0f}% of it (goal >= 90%); the model's linears "
               f"alone, back to back: {ms(lin)} ({100 * bound / lin:.0f}% of the bound)", flush=True)
 
-    with_shard(model_dir, uds, session, args.kv_cache_fraction)
+    with_shard(model_dir, uds, session, args.kv_cache_fraction, args.cpu_gemm)
     if not args.skip_host:
         # NOTE: in a fresh process, as the shard's own. After two-threaded torch work on the same
         # thread, the one-thread loop runs ~1.5x slower: host p50 1.65-1.70 against 1.09-1.11 ms

@@ -14,7 +14,7 @@ from tgi_npu_backend.models.base import CausalLM
 from tgi_npu_backend.models.bloom import BloomForCausalLM
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.gemma import GemmaForCausalLM
-from tgi_npu_backend.models.layers.packing import pack_cpu_weights
+from tgi_npu_backend.models.layers.packing import gemm_profile, pack_cpu_weights
 from tgi_npu_backend.models.layers.quant import QuantConfig
 from tgi_npu_backend.weights import Weights
 
@@ -39,10 +39,12 @@ def load_model(
     backend: AttentionBackend,
     parallel: ParallelContext = ParallelContext(),
     quant: QuantConfig | None = None,
+    cpu_gemm: str = "auto",
 ) -> CausalLM:
     """Build the model ``config.json`` names and load its weights strictly (this rank's shard):
     every parameter read, shapes checked, and no tensor left unused. ``quant``: the int8 scheme
-    of the decoder-block linears (``quant.detect``)."""
+    of the decoder-block linears (``quant.detect``). ``cpu_gemm``: how float32 CPU linears run
+    (``packing.gemm_profile``: "auto", "packed" or "plain")."""
     config = read_model_config(model_dir)
     cls = MODELS.get(config.model_type)
     if cls is None:  # ModelConfig and MODELS disagree: a programming error, still say it plainly
@@ -57,7 +59,10 @@ def load_model(
     )
     model.load_weights(weights)
     weights.check_all_used(model.allowed_unused())
-    packed, copy_bytes = pack_cpu_weights(model)
+    gemm = gemm_profile(model, cpu_gemm)
+    if gemm.measured or cpu_gemm != "auto":
+        logger.info(f"float32 CPU linears ({cpu_gemm}): {gemm.describe()}")
+    packed, copy_bytes = pack_cpu_weights(model, gemm)
     if packed:
         logger.info(
             f"{packed} CPU weights reordered into oneDNN's layout"

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import launcher_env
+from tgi_npu_backend.models.layers.cpu_gemm import MODES as CPU_GEMM_MODES
 from tgi_npu_backend.models.layers.quant.detect import check_flag as check_quantize
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -112,6 +113,8 @@ class ServerConfig:
     kv_cache_fraction: float | None = None  # None: per-device default (see --help)
     kv_cache_tokens: int | None = None  # room for this many tokens (wins over the fraction)
     max_batch_size: int | None = None  # MAX_BATCH_SIZE from the launcher: sizes the CPU KV pool
+    # float32 CPU linears (TGI_NPU_CPU_GEMM): "auto" measures at load, "packed" / "plain" pin it
+    cpu_gemm: str = "auto"
 
     @property
     def socket_path(self) -> str:
@@ -201,6 +204,12 @@ class ServerConfig:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"MAX_BATCH_SIZE={max_batch_size} (--max-batch-size): must be at least 1")
 
+        cpu_gemm = env.get("TGI_NPU_CPU_GEMM") or "auto"
+        if cpu_gemm not in CPU_GEMM_MODES:
+            raise ValueError(
+                f"TGI_NPU_CPU_GEMM={cpu_gemm!r}: use one of {', '.join(CPU_GEMM_MODES)}"
+            )
+
         if dist_timeout is None:
             dist_timeout = _env_float(env, "TGI_NPU_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)
         if not dist_timeout > 0:
@@ -236,4 +245,5 @@ class ServerConfig:
             kv_cache_fraction=kv_cache_fraction,
             kv_cache_tokens=kv_cache_tokens,
             max_batch_size=max_batch_size,
+            cpu_gemm=cpu_gemm,
         )

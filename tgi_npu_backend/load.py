@@ -122,7 +122,8 @@ def build_generator(config: ServerConfig) -> Generator:
         logger.info(f"quantization: {quant.description} (int8 kernels: {quant.ops}); embeddings and "
                     "the LM head stay float")
     model = load_model(
-        model_dir, dtype=dtype, device=device, backend=backend, parallel=parallel, quant=quant
+        model_dir, dtype=dtype, device=device, backend=backend, parallel=parallel, quant=quant,
+        cpu_gemm=config.cpu_gemm,
     )
     logger.info(f"weights on this rank: {weight_bytes(model) / 2**20:.1f} MiB")
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)

@@ -21,27 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tgi_npu_backend.distributed import ParallelContext, shard_size
+from tgi_npu_backend.models.layers.cpu_gemm import ONEDNN_LINEAR, PACKED, GemmProfile, onednn
 from tgi_npu_backend.models.layers.quant.loaders import Layout, Part
 from tgi_npu_backend.models.layers.quant.methods import Int8Method
 from tgi_npu_backend.models.layers.quant.scheme import LinearScheme, QuantConfig
 from tgi_npu_backend.weights import Weights
 
 Shard = tuple[int, int]  # (index, count): this rank holds block `index` of `count` equal blocks
-
-
-def _onednn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# NOTE: measured on the 2-core AVX-512 CPU this project benchmarks on, float32: oneDNN's linear
-# (``mkldnn._linear_pointwise``, what Inductor uses on CPU; weights as they are, no repacking) is
-# 1.25-1.9x faster than ``F.linear``'s MKL sgemm at every size the models run: 24 BLOOM-560m
-# projections at 1 row 20 vs 30 ms, at 32 rows 55 vs 74 ms, at 3328 rows 4.6 vs 5.9 s; the
-# 250k-row LM head at 1 row 52 vs 86 ms (a GEMV at ~20 GB/s), at 32 rows 150 vs 189 ms.
-ONEDNN_LINEAR = _onednn_linear_available()
 
 
 def _bf16_onednn_available() -> bool:
@@ -54,16 +40,20 @@ def _bf16_onednn_available() -> bool:
 BF16_ONEDNN = _bf16_onednn_available()  # packing.py packs bfloat16 weights only with these
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; float32 on CPU through oneDNN (see the NOTE above), which
-    also takes the weights ``packing.pack_cpu_weights`` reordered (float32 or bfloat16)."""
-    if weight.is_mkldnn or (
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gemm: GemmProfile = PACKED) -> Tensor:
+    """``F.linear(x, weight, bias)``. On the CPU: a weight ``packing.pack_cpu_weights`` reordered
+    (float32 or bfloat16) runs through oneDNN; a plain float32 one through the kernel ``gemm``
+    chose for this many rows (``cpu_gemm.py``: oneDNN by default)."""
+    if weight.is_mkldnn:
+        return onednn(x, weight, bias)
+    if (
         ONEDNN_LINEAR
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        return gemm.kernel(rows)(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -122,6 +112,7 @@ class MergedColumnParallelLinear(nn.Module):
         ]
         total = sum(self.local_out)
         self.quant = quant
+        self.gemm = PACKED  # the float32 CPU kernels; packing.pack_cpu_weights sets the measured ones
         self.method: Int8Method | None = None
         self._float = (total, in_features, dtype, device)
         # Quantized configs allocate at load time: a float weight only for a layer kept float.
@@ -165,7 +156,7 @@ class MergedColumnParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [T, in] -> [T, sum(local_out)]
         if self.method is None:
-            return linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.gemm)
         out = self.method.apply(x)
         return out if self.bias is None else out + self.bias
 
@@ -220,6 +211,7 @@ class RowParallelLinear(nn.Module):
         self.out_features = out_features
         local_in = _split(in_features, parallel.world_size, "input features")
         self.quant = quant
+        self.gemm = PACKED  # as in MergedColumnParallelLinear
         self.method: Int8Method | None = None
         self._float = (out_features, local_in, dtype, device)
         self.weight = (  # [out, in_local]
@@ -251,13 +243,13 @@ class RowParallelLinear(nn.Module):
 
     def _matmul(self, x: Tensor) -> Tensor:
         if self.method is None:
-            return linear(x, self.weight)
+            return linear(x, self.weight, gemm=self.gemm)
         # a per-layer integer bias (msModelSlim quant_bias) is added by one rank only
         return self.method.apply(x, add_qbias=self.parallel.rank == 0)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.parallel.is_parallel and self.method is None:
-            return linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias, self.gemm)
         out = self._matmul(x)
         if self.parallel.is_parallel:
             out = self.parallel.all_reduce(out)

@@ -1,8 +1,10 @@
 """CPU weights reordered once, at load, into oneDNN's blocked layout (what Inductor's freezing
 does with ``mkldnn._reorder_linear_weight``); ``linear.linear`` takes them as they are.
 
-* Float decoder-block linears (float32; bfloat16 where the CPU has oneDNN's bfloat16 kernels) are
-  packed in place of the plain weight: no second copy.
+* Float decoder-block linears are packed in place of the plain weight (no second copy): bfloat16
+  ones where the CPU has oneDNN's bfloat16 kernels; float32 ones when the model's ``GemmProfile``
+  says so (``cpu_gemm.py``: measured on this machine for a large model, ``gemm_profile``). Every
+  float decoder linear gets that profile's kernels for its plain float32 weight.
 * The LM head is packed only in bfloat16: in place when untied; when tied to the embedding, which
   needs the plain rows, as a second, packed copy of the table (its bytes are reported, logged and
   counted in the weights the KV pool is sized after).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .cpu_gemm import MODES, PACKED, PLAIN, GemmProfile, calibrate
 from .embedding import ParallelLMHead
 from .linear import BF16_ONEDNN, ONEDNN_LINEAR, MergedColumnParallelLinear, RowParallelLinear
 
@@ -44,16 +47,55 @@ def pack(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_HINT)
 
 
-def pack_cpu_weights(model: nn.Module) -> tuple[int, int]:
-    """Pack ``model``'s CPU weights as the module docstring says, once, after loading.
+AUTO_MIN_BYTES = 64 * 2**20  # "auto" measures for float32 decoder weights from this size on
+
+
+def _float32_cpu_weights(model: nn.Module) -> list[Tensor]:
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear))
+        and m.method is None
+        and m.weight is not None
+        and not m.weight.is_mkldnn
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.float32
+    ]
+
+
+def gemm_profile(model: nn.Module, mode: str = "auto") -> GemmProfile:
+    """The float32 CPU kernels for ``model`` (``mode``, ``TGI_NPU_CPU_GEMM``): ``packed`` or
+    ``plain`` as named; ``auto`` measures them (``cpu_gemm.calibrate``, on the shape of the
+    largest decoder weight) when the float32 CPU decoder weights reach ``AUTO_MIN_BYTES``, and
+    otherwise keeps ``PACKED``: a small model's speed hardly depends on it, and tests stay
+    deterministic."""
+    if mode not in MODES:
+        raise ValueError(f"CPU GEMM mode {mode!r}: use one of {', '.join(MODES)}")
+    weights = _float32_cpu_weights(model)
+    if not weights or not ONEDNN_LINEAR or mode == "packed":
+        return PACKED
+    if mode == "plain":
+        return PLAIN
+    if sum(w.numel() * 4 for w in weights) < AUTO_MIN_BYTES:
+        return PACKED
+    largest = max(weights, key=lambda w: w.numel())
+    return calibrate(*largest.shape)
+
+
+def pack_cpu_weights(model: nn.Module, gemm: GemmProfile = PACKED) -> tuple[int, int]:
+    """Pack ``model``'s CPU weights as the module docstring says, once, after loading, and give
+    its float decoder linears ``gemm``'s kernels.
     Returns (weights packed, bytes of the packed copies made beside a plain weight)."""
     packed, copy_bytes = 0, 0
     for m in model.modules():
         if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear)):
-            if m.method is None and m.weight is not None and packable(m.weight):
-                m.weight = nn.Parameter(pack(m.weight.data), requires_grad=False)
+            m.gemm = gemm
+            w = m.weight
+            wanted = w is not None and (gemm.pack or w.dtype != torch.float32)
+            if m.method is None and wanted and packable(w):
+                m.weight = nn.Parameter(pack(w.data), requires_grad=False)
                 packed += 1
-        elif isinstance(m, ParallelLMHead):
+        elif isinstance(m, ParallelLMHead):  # keeps oneDNN: see cpu_gemm's NOTE
             table = m.tied.weight if m.tied is not None else m.weight
             if m.packed is not None or table.dtype != torch.bfloat16 or not packable(table):
                 continue

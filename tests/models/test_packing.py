@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 from prompt_pass import prompt_logits
 from tgi_npu_backend.kernels import get_backend
-from tgi_npu_backend.models.layers.linear import BF16_ONEDNN, MergedColumnParallelLinear, linear
-from tgi_npu_backend.models.layers.packing import pack, pack_cpu_weights, packable
+from tgi_npu_backend.models.layers.cpu_gemm import PACKED, PLAIN
+from tgi_npu_backend.models.layers.linear import (
+    BF16_ONEDNN,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    linear,
+)
+from tgi_npu_backend.models.layers.packing import gemm_profile, pack, pack_cpu_weights, packable
 from tgi_npu_backend.models.layers.quant import detect
 from tgi_npu_backend.models.layers.quant.methods import weight_bytes
 from tgi_npu_backend.models.registry import load_model
@@ -45,7 +51,7 @@ def _load(model_dir, dtype, monkeypatch=None):
     if monkeypatch is None:
         return build()
     with monkeypatch.context() as m:
-        m.setattr("tgi_npu_backend.models.registry.pack_cpu_weights", lambda model: (0, 0))
+        m.setattr("tgi_npu_backend.models.registry.pack_cpu_weights", lambda model, gemm: (0, 0))
         return build()
 
 
@@ -70,6 +76,41 @@ def test_a_loaded_model_is_packed_and_computes_the_same_logits(ckpt, dtype, requ
     err = float((ours - ref).abs().max()) / scale
     assert err < (1e-5 if dtype == torch.float32 else 3e-2), f"{ckpt} {dtype}: {err:.2e}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1)) or dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("ckpt", ["bloom_dir", "gemma_mqa_dir"])
+def test_a_model_loaded_plain_runs_the_plain_kernels_and_computes_the_same_logits(ckpt, request):
+    model_dir = request.getfixturevalue(ckpt)
+    packed = _load(model_dir, torch.float32)
+    model = load_model(model_dir, dtype=torch.float32, device=CPU, backend=get_backend(CPU),
+                       cpu_gemm="plain")
+    linears = [m for m in model.modules() if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear))]
+    assert linears and all(not m.weight.is_mkldnn and m.gemm is PLAIN for m in linears)
+    for ids in ([5, 17, 3, 99, 42, 7, 64, 12], [9]):  # a large pass and a one-row one
+        ours, ref = prompt_logits(model, ids), prompt_logits(packed, ids)
+        err = float((ours - ref).abs().max()) / float(ref.abs().max())
+        assert err < 1e-5, f"{ckpt} {len(ids)} tokens: {err:.2e}"
+
+
+def test_auto_keeps_a_small_model_packed_and_measures_a_large_one(bloom_dir, monkeypatch):
+    model = _load(bloom_dir, torch.float32)
+    plain_model = load_model(bloom_dir, dtype=torch.float32, device=CPU, backend=get_backend(CPU),
+                             cpu_gemm="plain")
+    assert gemm_profile(plain_model, "auto") is PACKED  # a few MiB of weights: nothing measured
+    assert gemm_profile(plain_model, "packed") is PACKED
+    assert gemm_profile(plain_model, "plain") is PLAIN
+    assert gemm_profile(model, "auto") is PACKED  # packed already: no float32 plain weights left
+    shapes = []
+    monkeypatch.setattr("tgi_npu_backend.models.layers.packing.AUTO_MIN_BYTES", 0)
+    monkeypatch.setattr("tgi_npu_backend.models.layers.packing.calibrate",
+                        lambda *shape: shapes.append(shape) or PLAIN)
+    assert gemm_profile(plain_model, "auto") is PLAIN
+    linears = (MergedColumnParallelLinear, RowParallelLinear)
+    largest = max((m.weight for m in plain_model.modules() if isinstance(m, linears)),
+                  key=lambda w: w.numel())
+    assert shapes == [tuple(largest.shape)]
+    with pytest.raises(ValueError, match="use one of auto, packed, plain"):
+        gemm_profile(plain_model, "fastest")
 
 
 @needs_bf16

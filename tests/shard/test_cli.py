@@ -34,6 +34,8 @@ def test_config_reads_launcher_env_as_hints():
     assert cfg.hub_cache == "/tmp/hub" and cfg.watermark_gamma == 0.25 and cfg.watermark_delta == 1.5
     assert cfg.log_level == "WARNING"
     assert ServerConfig.from_cli(model_id="m", env={}, logger_level="OFF").log_level is None
+    assert ServerConfig.from_cli(model_id="m", env={}).cpu_gemm == "auto"
+    assert ServerConfig.from_cli(model_id="m", env={"TGI_NPU_CPU_GEMM": "plain"}).cpu_gemm == "plain"
     env = dict(LAUNCHER_ENV, RANK="1", WORLD_SIZE="2")
     cfg = ServerConfig.from_cli(model_id="m", env=env, sharded=True)
     assert cfg.socket_path == "/tmp/text-generation-server-1"
@@ -53,6 +55,7 @@ def test_config_reads_launcher_env_as_hints():
         ({"sharded": True}, {}, "RANK and WORLD_SIZE"),
         ({}, {"RANK": "0", "WORLD_SIZE": "2"}, "--sharded"),
         ({}, {"TGI_NPU_KV_CACHE_FRACTION": "2"}, "--kv-cache-fraction"),
+        ({}, {"TGI_NPU_CPU_GEMM": "fast"}, "TGI_NPU_CPU_GEMM='fast': use one of auto, packed, plain"),
     ],
 )
 def test_unsupported_values_name_the_flag(flags, env, needle):

@@ -1,0 +1,161 @@
+"""How a float32 linear runs on this CPU: the kernel for a plain weight by row count, and whether
+the decoder linears are worth reordering into oneDNN's blocked layout at load. Which is fastest
+depends on the machine (measured below), so it is measured once per process, at the load of the
+first float32 CPU model big enough for it to matter (``calibrate``), unless the operator names
+a choice (``TGI_NPU_CPU_GEMM``).
+
+Kernels for rows ``x`` ``[T, in]`` and a plain weight ``W`` ``[out, in]``:
+
+* ``onednn``: ``mkldnn._linear_pointwise(x, W)``, what Inductor uses on the CPU.
+* ``mkl``: ``F.linear(x, W)``, MKL's sgemm.
+* ``swapped``: ``(W @ x^T)^T``, i.e. ``F.linear(W, x)`` and one transposing copy that adds the
+  bias. With a few rows, the weight becomes the GEMM's tall operand instead of its wide one.
+* ``packed``: oneDNN on the weight reordered at load (``packing.pack``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def onednn(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """oneDNN's linear; ``weight`` plain or reordered by ``packing.pack``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def mkl(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def swapped(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight^T (+ bias)`` computed as ``(weight @ x^T)^T``."""
+    rows = x.reshape(-1, x.shape[-1])
+    out_t = F.linear(weight, rows)  # [out, T]
+    out = torch.empty((rows.shape[0], weight.shape[0]), dtype=out_t.dtype, device=out_t.device)
+    if bias is None:
+        out.copy_(out_t.t())
+    else:
+        torch.add(out_t.t(), bias, out=out)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+KERNELS: dict[str, Kernel] = {"onednn": onednn, "mkl": mkl, "swapped": swapped}
+SMALL_ROWS = 48  # up to this many rows a pass is "small" (a decode step), above "large" (a prefill)
+
+
+@dataclass(frozen=True)
+class GemmProfile:
+    """The float32 CPU choices: ``pack`` the decoder linears' weights at load; run a plain weight
+    with ``small`` (up to ``SMALL_ROWS`` rows) or ``large``. ``measured``: what chose them."""
+
+    pack: bool
+    small: str = "onednn"
+    large: str = "onednn"
+    measured: str = ""
+
+    def kernel(self, rows: int) -> Kernel:
+        return KERNELS[self.small if rows <= SMALL_ROWS else self.large]
+
+    def describe(self) -> str:
+        layout = "packed into oneDNN's layout" if self.pack else "plain"
+        how = f"decoder weights {layout}; plain weights run {self.small} up to {SMALL_ROWS} rows, {self.large} above"
+        return how + (f" (measured: {self.measured})" if self.measured else "")
+
+
+# NOTE: the first machine this project benchmarked on (2 cores, AVX-512 without AMX) ran the 96
+# BLOOM-560m decoder projections at 32 rows in 134-144 ms packed against 224 ms plain through
+# oneDNN, and oneDNN 1.25-1.9x faster than MKL at every row count: packed wins there. A later kind
+# (2 cores, AVX512-FP16 and AMX), one layer's four projections over 24 layers' weights (out of
+# cache), alternated: 1 row mkl 2.52 / swapped 2.64 / onednn 2.97 / packed 3.53 ms; 32 rows
+# swapped 6.53 / packed 7.28 / onednn 8.23 / mkl 9.28 ms. In the model there (32 requests,
+# alternated in one process): a 3,328-token prefill 16.4 s plain with MKL, 17.5 s plain with
+# oneDNN, 18.5 s packed; a batch-32 decode step 556 ms plain (swapped) against 559 ms packed.
+# The LM head (250,880 x 1,024, tied to the embedding) stays on oneDNN whatever the profile: the
+# swapped kernel's transposing copy of the [32, 250,880] logits took 13-20 ms, and a decode step
+# with a swapped head measured 577 against 559 ms. Hence a measurement per machine, not a rule.
+PACKED = GemmProfile(pack=True)  # what a small model, or TGI_NPU_CPU_GEMM=packed, gets
+PLAIN = GemmProfile(pack=False, small="swapped", large="mkl")  # TGI_NPU_CPU_GEMM=plain
+MODES = ("auto", "packed", "plain")
+
+PROBE_ROWS = (1, 32, 1024)  # a batch-1 decode step, a batch-32 one, a prefill's worth of rows
+PROBE_MAX_OUT = 4096  # probe weights keep at most this many output rows of the real shape
+COLD_BYTES = 128 * 2**20  # probe weights cycled through per timing: more than a large L3
+
+
+def _seconds_per_call(run: Kernel, x: Tensor, weights: list[Tensor], bias: Tensor) -> float:
+    start = time.perf_counter()
+    for w in weights:
+        run(x, w, bias)
+    return (time.perf_counter() - start) / len(weights)
+
+
+@functools.lru_cache(maxsize=8)
+def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProfile:
+    """Time the kernels on random float32 weights shaped like ``[out_features, in_features]``
+    (at most ``PROBE_MAX_OUT`` rows) at ``PROBE_ROWS`` rows, alternated ``repeats`` times (medians),
+    and choose: for small passes the faster plain kernel over 1 and 32 rows (``swapped`` or
+    ``onednn``, geometric mean), for large ones the faster at 1,024 rows (``mkl`` or ``onednn``),
+    and packing when the packed weight beats the small-pass choice over 1 and 32 rows. Large
+    passes do not decide the layout: they are compute-bound, and the layouts measured within ~10%
+    of each other there on both machine kinds, against up to 60% at 32 rows. The few rows run over
+    enough weights to leave the caches, as a model's step does. Once per shape and process; about
+    2 s for BLOOM-560m's largest shape. (256 rows, tried first, favoured oneDNN where a 3,328-row
+    prefill ran faster with MKL: 16.4 against 17.5 s.)
+    """
+    from .packing import pack  # packing imports the layers, which import this module
+
+    n = min(out_features, PROBE_MAX_OUT)
+    g = torch.Generator().manual_seed(0)
+    copies = max(1, min(8, math.ceil(COLD_BYTES / (n * in_features * 4))))
+    plain = [torch.randn(n, in_features, generator=g) for _ in range(copies)]
+    packed = [pack(w) for w in plain]
+    bias = torch.randn(n, generator=g)
+    candidates = {1: ("swapped", "onednn", "packed"), 32: ("swapped", "onednn", "packed"),
+                  1024: ("mkl", "onednn")}
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for rows, names in candidates.items():
+            x = torch.randn(rows, in_features, generator=g)
+            used = copies if rows < PROBE_ROWS[-1] else 1  # a prefill's worth is compute-bound
+            for name in names:  # once each, untimed: first calls build oneDNN primitives
+                ws = packed if name == "packed" else plain
+                (onednn if name == "packed" else KERNELS[name])(x, ws[0], bias)
+            for _ in range(repeats):
+                for name in names:
+                    ws = (packed if name == "packed" else plain)[:used]
+                    run = onednn if name == "packed" else KERNELS[name]
+                    times.setdefault((name, rows), []).append(_seconds_per_call(run, x, ws, bias))
+    t = {key: statistics.median(v) for key, v in times.items()}
+
+    def geo(name: str, rows: tuple[int, ...]) -> float:
+        return math.exp(sum(math.log(t[name, r]) for r in rows) / len(rows))
+
+    small = min(("swapped", "onednn"), key=lambda k: geo(k, (1, 32)))
+    large = min(("mkl", "onednn"), key=lambda k: t[k, 1024])
+    ratio = geo("packed", (1, 32)) / geo(small, (1, 32))
+    measured = "; ".join(
+        f"{r} rows " + " ".join(f"{k} {t[k, r] * 1e3:.3f}" for k in candidates[r]) + " ms"
+        for r in PROBE_ROWS
+    ) + f"; packed / {small} {ratio:.2f} on [{n}, {in_features}]"
+    return GemmProfile(pack=ratio < 1.0, small=small, large=large, measured=measured)

@@ -1,0 +1,67 @@
+"""The float32 CPU kernels (``models/layers/cpu_gemm.py``) against ``F.linear``, and the
+measurement that chooses among them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tgi_npu_backend.models.layers import cpu_gemm
+from tgi_npu_backend.models.layers.cpu_gemm import KERNELS, PACKED, PLAIN, SMALL_ROWS, GemmProfile
+from tgi_npu_backend.models.layers.linear import linear
+
+TOL = {"atol": 2e-5, "rtol": 1e-5}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("rows", [0, 1, 3, 32, SMALL_ROWS + 1, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_kernel_computes_f_linear(name, rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 72, generator=g), torch.randn(136, 72, generator=g)
+    b = torch.randn(136, generator=g) if bias else None
+    out = KERNELS[name](x, w, b)
+    assert out.shape == (rows, 136) and out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, w, b), **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_every_kernel_takes_strided_and_batched_rows(name):
+    w, b = torch.randn(40, 24), torch.randn(40)
+    x = torch.randn(24, 7).t()  # [7, 24], not contiguous
+    torch.testing.assert_close(KERNELS[name](x, w, b), F.linear(x, w, b), **TOL)
+    x3 = torch.randn(2, 5, 24)
+    out = KERNELS[name](x3, w, b)
+    assert out.shape == (2, 5, 40)
+    torch.testing.assert_close(out, F.linear(x3, w, b), **TOL)
+
+
+def test_a_profile_runs_its_small_kernel_up_to_small_rows_and_its_large_one_above(monkeypatch):
+    calls = []
+    for name in ("swapped", "mkl"):
+        monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: calls.append((n, x.shape[0])) or F.linear(x, w, b))
+    w = torch.randn(8, 4)
+    for rows in (1, SMALL_ROWS, SMALL_ROWS + 1):
+        linear(torch.randn(rows, 4), w, None, PLAIN)
+    linear(torch.randn(3, 2, 4), w, None, PLAIN)  # rows are counted over the leading dims
+    assert calls == [("swapped", 1), ("swapped", SMALL_ROWS), ("mkl", SMALL_ROWS + 1), ("swapped", 3)]
+    calls.clear()
+    linear(torch.randn(2, 4, dtype=torch.bfloat16), w.bfloat16(), None, PLAIN)  # float32 only
+    assert calls == []
+
+
+def test_calibration_measures_each_kernel_and_chooses_among_them():
+    cpu_gemm.calibrate.cache_clear()
+    profile = cpu_gemm.calibrate(96, 64, repeats=1)
+    assert profile.small in ("swapped", "onednn") and profile.large in ("mkl", "onednn")
+    assert isinstance(profile.pack, bool)
+    for needle in ("1 rows swapped", "32 rows swapped", "onednn", "packed", "1024 rows mkl", "on [96, 64]"):
+        assert needle in profile.measured
+    assert cpu_gemm.calibrate(96, 64, repeats=1) is profile  # once per shape and process
+    assert "measured: 1 rows" in profile.describe()
+
+
+def test_the_default_profile_is_todays_packed_onednn_path():
+    assert PACKED == GemmProfile(pack=True, small="onednn", large="onednn")
+    assert not PLAIN.pack and PLAIN.kernel(1) is KERNELS["swapped"] and PLAIN.kernel(500) is KERNELS["mkl"]
+    assert "plain" in PLAIN.describe() and "packed into oneDNN" in PACKED.describe()
