@@ -131,6 +131,7 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     plain = [torch.randn(n, in_features, generator=g) for _ in range(copies)]
     packed = [pack(w) for w in plain]
     bias = torch.randn(n, generator=g)
+    setups = {name: (run, plain) for name, run in KERNELS.items()} | {"packed": (onednn, packed)}
     candidates = {1: ("swapped", "onednn", "packed"), 32: ("swapped", "onednn", "packed"),
                   1024: ("mkl", "onednn")}
     times: dict[tuple[str, int], list[float]] = {}
@@ -139,13 +140,12 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
             x = torch.randn(rows, in_features, generator=g)
             used = copies if rows < PROBE_ROWS[-1] else 1  # a prefill's worth is compute-bound
             for name in names:  # once each, untimed: first calls build oneDNN primitives
-                ws = packed if name == "packed" else plain
-                (onednn if name == "packed" else KERNELS[name])(x, ws[0], bias)
+                run, ws = setups[name]
+                run(x, ws[0], bias)
             for _ in range(repeats):
                 for name in names:
-                    ws = (packed if name == "packed" else plain)[:used]
-                    run = onednn if name == "packed" else KERNELS[name]
-                    times.setdefault((name, rows), []).append(_seconds_per_call(run, x, ws, bias))
+                    run, ws = setups[name]
+                    times.setdefault((name, rows), []).append(_seconds_per_call(run, x, ws[:used], bias))
     t = {key: statistics.median(v) for key, v in times.items()}
 
     def geo(name: str, rows: tuple[int, ...]) -> float:

@@ -51,15 +51,15 @@ AUTO_MIN_BYTES = 64 * 2**20  # "auto" measures for float32 decoder weights from 
 
 
 def _float32_cpu_weights(model: nn.Module) -> list[Tensor]:
+    """The decoder linears' float32 weights that ``pack_cpu_weights`` could pack."""
     return [
         m.weight
         for m in model.modules()
         if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear))
         and m.method is None
         and m.weight is not None
-        and not m.weight.is_mkldnn
-        and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
+        and packable(m.weight)
     ]
 
 
@@ -72,7 +72,7 @@ def gemm_profile(model: nn.Module, mode: str = "auto") -> GemmProfile:
     if mode not in MODES:
         raise ValueError(f"CPU GEMM mode {mode!r}: use one of {', '.join(MODES)}")
     weights = _float32_cpu_weights(model)
-    if not weights or not ONEDNN_LINEAR or mode == "packed":
+    if not weights or mode == "packed":  # none: no oneDNN, or nothing float32 on the CPU
         return PACKED
     if mode == "plain":
         return PLAIN
