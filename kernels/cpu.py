@@ -66,7 +66,11 @@ class _DecodePlan:
 @dataclass
 class _CpuPlan:
     attention: _DecodePlan | list[_PrefillGroup]
-    store_all: bool  # no slot is -1 (nothing to skip when storing)
+    # Where ``store_kv`` writes, the same for every layer: the tokens with a slot (None: all, no
+    # slot is -1) and each one's cache block and offset in it.
+    keep: Tensor | None  # [T] bool
+    store_blocks: Tensor  # [T'] int64
+    store_offsets: Tensor  # [T'] int64
 
 
 @dataclass
@@ -78,7 +82,12 @@ class _PrefillGroup:
     k: int
     tokens: Tensor  # [n] int64 this group's tokens in the pass (in pass order)
     q_dst: Tensor  # [n] int64 row of each token in the padded [b * q] queries
-    k_dst: Tensor  # [n] int64 row of each token's key in the padded [b * k] keys
+    # The pass's token behind each padded query row / key row. Padding rows (and prefix rows,
+    # overwritten from the cache) repeat their sequence's first token: finite values whose
+    # outputs are dropped (queries) or whose keys are masked (keys), so one gather builds each
+    # padded tensor, with no zero fill and no scatter.
+    q_src: Tensor  # [b * q] int64
+    k_src: Tensor  # [b * k] int64
     rel: Tensor  # [b or 1, q, k] float32 key position - query position
     allowed: Tensor  # [b or 1, q, k] bool, causal (and within the prefix + chunk)
     # keys of cached prefixes (empty when no sequence of the group has one)
@@ -106,8 +115,15 @@ class CpuBackend(ReferenceBackend):
             attention: _DecodePlan | list[_PrefillGroup] = self._decode_plan(meta, meta.block_size)
         else:
             attention = self._prefill_plan(meta)
-        store_all = bool(meta.slot_mapping.numpy().min(initial=0) >= 0)
-        return with_plan(meta, _CpuPlan(attention, store_all))
+        slots = meta.slot_mapping.numpy()
+        keep = None if slots.min(initial=0) >= 0 else slots >= 0
+        blocks, offsets = np.divmod(slots if keep is None else slots[keep], meta.block_size)
+        return with_plan(meta, _CpuPlan(
+            attention,
+            keep=None if keep is None else torch.from_numpy(keep),
+            store_blocks=torch.from_numpy(blocks),
+            store_offsets=torch.from_numpy(offsets),
+        ))
 
     @staticmethod
     def _decode_plan(meta: AttentionMetadata, bs: int) -> _DecodePlan:
@@ -155,13 +171,15 @@ class CpuBackend(ReferenceBackend):
         for g in groups:
             q = max(qlens[i] for i in g)
             k = max(ctxs[i] + qlens[i] for i in g)
-            tokens, q_dst, k_dst = [], [], []
+            tokens, q_dst, q_src, k_src = [], [], [], []
             prefix_dst, prefix_seq, prefix_pos = [], [], []
             for row, i in enumerate(g):
-                n, c = qlens[i], ctxs[i]
-                tokens += range(starts[i], starts[i] + n)
+                n, c, first = qlens[i], ctxs[i], starts[i]
+                own = range(first, first + n)
+                tokens += own
                 q_dst += range(row * q, row * q + n)
-                k_dst += range(row * k + c, row * k + c + n)
+                q_src += [*own, *[first] * (q - n)]
+                k_src += [*[first] * c, *own, *[first] * (k - c - n)]
                 prefix_dst += range(row * k, row * k + c)
                 prefix_seq += [i] * c
                 prefix_pos += range(c)
@@ -181,7 +199,8 @@ class CpuBackend(ReferenceBackend):
                     k=k,
                     tokens=_long(tokens, device),
                     q_dst=_long(q_dst, device),
-                    k_dst=_long(k_dst, device),
+                    q_src=_long(q_src, device),
+                    k_src=_long(k_src, device),
                     rel=rel.float(),
                     allowed=rel <= 0,
                     prefix_dst=_long(prefix_dst, device),
@@ -201,14 +220,11 @@ class CpuBackend(ReferenceBackend):
         meta: AttentionMetadata,
     ) -> None:
         """Write ``key``/``value`` ``[T, kv_heads, head_dim]`` to their slots; -1 = don't store."""
-        bs = key_cache.shape[2]
-        slots = meta.slot_mapping
-        if not plan_of(meta, self.name).store_all:
-            keep = slots >= 0
-            slots, key, value = slots[keep], key[keep], value[keep]
-        blocks, offsets = slots // bs, slots % bs
-        key_cache[blocks, :, offsets] = key.to(key_cache.dtype)
-        value_cache[blocks, :, offsets] = value.to(value_cache.dtype)
+        p: _CpuPlan = plan_of(meta, self.name)
+        if p.keep is not None:
+            key, value = key[p.keep], value[p.keep]
+        key_cache[p.store_blocks, :, p.store_offsets] = key.to(key_cache.dtype)
+        value_cache[p.store_blocks, :, p.store_offsets] = value.to(value_cache.dtype)
 
     def decode(
         self,
@@ -280,13 +296,9 @@ class CpuBackend(ReferenceBackend):
         out = torch.empty_like(query)
         f32 = torch.float32
         for g in groups:
-            # padded rows are zeros: finite everywhere, and their outputs are dropped
-            q = query.new_zeros((g.b * g.q, heads, d), dtype=f32)
-            q.index_copy_(0, g.q_dst, query.index_select(0, g.tokens).to(f32))
-            k = key.new_zeros((g.b * g.k, kv_heads, d), dtype=f32)
-            v = torch.zeros_like(k)
-            k.index_copy_(0, g.k_dst, key.index_select(0, g.tokens).to(f32))
-            v.index_copy_(0, g.k_dst, value.index_select(0, g.tokens).to(f32))
+            q = query.index_select(0, g.q_src).to(f32)  # [b * q, H, D]
+            k = key.index_select(0, g.k_src).to(f32)  # [b * k, KVH, D]
+            v = value.index_select(0, g.k_src).to(f32)
             if g.prefix_dst.numel():  # cached prefix positions come from the cache
                 k.index_copy_(0, g.prefix_dst, key_cache[g.prefix_block, :, g.prefix_offset].to(f32))
                 v.index_copy_(0, g.prefix_dst, value_cache[g.prefix_block, :, g.prefix_offset].to(f32))
