@@ -254,22 +254,24 @@ def gemv_bandwidth(hidden: int, gib: float = 1.0, repeats: int = 7) -> float:
     return best
 
 
-def linears_alone(model, repeats: int = 5) -> float:
+def linears_alone(model, repeats: int = 5) -> dict[str, float]:
     """Seconds for one row through every ``nn.Linear`` of ``model`` (the LM head included), back
-    to back with oneDNN (the shard's ``linear``): the part of a batch-1 step that reads the
-    weights, without the small ops between them (median of ``repeats``)."""
-    from tgi_npu_backend.models.layers.linear import linear
+    to back, with each float32 CPU kernel the shard may run a plain weight with
+    (``cpu_gemm.KERNELS``; kernels alternated, median of ``repeats``): the part of a batch-1 step
+    that reads the weights, without the small ops between them."""
+    from tgi_npu_backend.models.layers.cpu_gemm import KERNELS
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in KERNELS}
     with torch.inference_mode():
         for _ in range(repeats):
-            t = now()
-            for w in weights:
-                linear(inputs[w.shape[1]], w)
-            times.append(now() - t)
-    return statistics.median(times)
+            for name, kernel in KERNELS.items():
+                t = now()
+                for w in weights:
+                    kernel(inputs[w.shape[1]], w, None)
+                times[name].append(now() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # ---------------------------------------------------------------------------------- host time
@@ -461,7 +463,9 @@ def main() -> None:
               f"{' / '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s, {weight_bytes / 2**30:.2f} GiB "
               f"of weights -> bound {ms(bound)}/token; shard reaches "
               f"{100 * bound / mine['itl_p50']:.0f}% of it (goal >= 90%); the model's linears "
-              f"alone, back to back: {ms(lin)} ({100 * bound / lin:.0f}% of the bound)", flush=True)
+              f"alone, back to back: "
+              + ", ".join(f"{name} {ms(t)} ({100 * bound / t:.0f}%)" for name, t in lin.items()),
+              flush=True)
 
     with_shard(model_dir, uds, session, args.kv_cache_fraction, args.cpu_gemm)
     if not args.skip_host:
