@@ -29,8 +29,6 @@ fallback is logged once and reported to the observer (the emulation counts them)
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -38,61 +36,15 @@ import torch
 from loguru import logger
 from torch import Tensor
 
-from .base import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, AttentionMetadata, Phase, plan_of, with_plan
+from .base import AttentionMetadata, Phase, plan_of, with_plan
+from .npu_platform import FUSED_DTYPES as _FUSED_DTYPES
+from .npu_platform import recommended_block_size
+from .npu_platform import load_torch_npu as _torch_npu
 from .reference import ReferenceBackend
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16)
 # Masked-out score in the masks we build. NOTE: op-plugin's own fp16 ALiBi golden uses -10000 and
 # the bf16 one -inf; a large finite value behaves like -inf after softmax and never makes NaN.
 _MASKED = {torch.float16: -10000.0, torch.bfloat16: float("-inf")}
-
-
-@functools.cache
-def npu_available() -> bool:
-    """True when torch_npu imports and sees a device.
-
-    NOTE: with torch-npu installed but no CANN, ``import torch_npu`` raises ImportError
-    (libhccl.so) and, through the ``torch.backends`` autoload entry point, RuntimeError. We never
-    set TORCH_DEVICE_BACKEND_AUTOLOAD: if autoload is on and broken, ``import torch`` itself has
-    already failed; if it is off, the explicit import below is the only place torch_npu loads,
-    and any failure means "no NPU".
-    """
-    if importlib.util.find_spec("torch_npu") is None:
-        return False
-    try:
-        import torch_npu  # noqa: F401
-
-        return bool(torch.npu.is_available())
-    except (ImportError, RuntimeError, OSError, AttributeError):
-        return False
-
-
-def soc_version() -> int:
-    """``torch_npu.npu.get_soc_version()``: 200-205 = 310P, 220-225 = A2, 250-255 = A3."""
-    return int(_torch_npu().npu.get_soc_version())
-
-
-def probe_atb(dtype: torch.dtype, device: torch.device) -> None:
-    """One one-block ``_npu_reshape_and_cache``: torch_npu loads ``libop_plugin_atb.so`` (which
-    needs NNAL's ``libatb.so``) at the first ATB call and raises ``OSError`` there."""
-    dtype = dtype if dtype in _FUSED_DTYPES else torch.float16
-    key = torch.zeros((1, 1, 16), dtype=dtype, device=device)
-    cache = torch.zeros((1, 16, 1, 16), dtype=dtype, device=device)
-    slots = torch.zeros((1,), dtype=torch.int32, device=device)
-    _torch_npu()._npu_reshape_and_cache(key, key, cache, cache.clone(), slots)
-
-
-def recommended_block_size(head_dim: int) -> int:
-    """Largest valid block size with ``block_size * head_dim <= 128 * 128``.
-
-    128 for head_dim <= 128, 64 for Gemma's 256. NOTE: the paged-attention docs require
-    ``block_size * head_size <= 128*128`` on 310P and in quantized/parallel-decoding modes, and
-    MindIE runs Gemma with block_size 64; plain fp16/bf16 decode on A2 would accept 128 too.
-    """
-    size = min(MAX_BLOCK_SIZE, (128 * 128 // head_dim) // MIN_BLOCK_SIZE * MIN_BLOCK_SIZE)
-    if size < MIN_BLOCK_SIZE:
-        raise ValueError(f"head_dim {head_dim} is too large for the NPU paged-attention ops")
-    return size
 
 
 def alibi_groups(seq_lens: list[int]) -> list[tuple[int, int]]:
@@ -131,12 +83,6 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     if device.type == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def _torch_npu() -> Any:
-    import torch_npu
-
-    return torch_npu
 
 
 class NpuBackend(ReferenceBackend):

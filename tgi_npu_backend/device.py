@@ -108,7 +108,7 @@ CPU = Platform("cpu", torch.device("cpu"))
 def select_platform(requested: str, rank: int, emulation: str | None = None) -> Platform:
     """``auto`` picks the NPU when torch_npu and CANN are usable, else the CPU; ``npu-emulated``
     installs the emulation (knobs in ``emulation``, ``TGI_NPU_EMULATION``'s syntax)."""
-    from tgi_npu_backend.kernels.npu import npu_available
+    from tgi_npu_backend.kernels.npu_platform import npu_available
 
     if requested == "cpu":
         return CPU
@@ -151,7 +151,7 @@ def check_npu_startup(platform: Platform, dtype: torch.dtype) -> None:
     """
     if platform.kind != "npu":
         return
-    from tgi_npu_backend.kernels.npu import probe_atb, soc_version
+    from tgi_npu_backend.kernels.npu_platform import probe_atb, soc_version
 
     soc = soc_version()
     name = torch.npu.get_device_name(platform.index)  # type: ignore[attr-defined]

@@ -274,16 +274,17 @@ def test_get_backend():
 
 
 def test_npu_module_imports_without_torch_npu():
-    from tgi_npu_backend.kernels import npu
+    from tgi_npu_backend.kernels import npu, npu_platform
 
-    assert npu.npu_available() is False
+    assert npu_platform.npu_available() is False
     backend = npu.NpuBackend()
     assert isinstance(backend, AttentionBackend) and backend.name == "npu"
     assert backend.kv_cache_shape(8, 64, 1, 256) == (8, 64, 1, 256)
-    assert npu.recommended_block_size(64) == 128
-    assert npu.recommended_block_size(128) == 128
-    assert npu.recommended_block_size(256) == 64
-    check_block_size(npu.recommended_block_size(256))
+    assert npu_platform.recommended_block_size(64) == 128
+    assert npu_platform.recommended_block_size(128) == 128
+    assert npu_platform.recommended_block_size(256) == 64
+    check_block_size(npu_platform.recommended_block_size(256))
+    assert backend.block_size_for(256) == 64
 
 
 # NpuBackend against the real operators' contracts: tests/npu (through npu_emulation).
