@@ -16,10 +16,10 @@ machine is shared and absolute figures move between runs):
    inter-token latency vs HF's KV-cache loop, and vs ``weight bytes / GEMV bandwidth`` (a
    ``[rows, hidden] @ [hidden]`` GEMV over 1 GiB, MKL's and oneDNN's, timed before and after;
    the highest bandwidth gives the strictest bound).
-3. **Host time per decode step** at ``--host-batch`` requests on a tiny model (in a process of
-   its own, one torch thread): ``Generator.decode`` plus the response's protobuf, minus the model's forward
-   and LM head; with the CPU attention backend's per-pass plan as its own figure, and the same
-   host time with the NPU backend's plan in its place (the NPU path's host work).
+3. **Host time per decode step** at ``--host-batch`` requests on a tiny model: ``bench_host.py``,
+   run in a process of its own (one torch thread): ``Generator.decode`` plus the response's
+   protobuf, minus the model's forward and LM head; with the CPU attention backend's per-pass plan
+   as its own figure, and the same host time with the NPU backend's plan in its place.
 
 The model is the bloom-560m shape (24 layers, hidden 1024, 16 heads, 250,880 vocabulary) with
 random weights, written locally with ``tgi_npu_backend.demo.write_checkpoint`` (the tests'
@@ -28,7 +28,7 @@ checkpoint generator) and reused from ``--model-dir`` on later runs.
     python benchmarks/bench_throughput.py                 # everything once (~8 min on 2 cores)
     python benchmarks/bench_throughput.py --rounds 3      # shard and HF alternated three times
     python benchmarks/bench_throughput.py --skip-hf --skip-batch1 --py-spy /tmp/shard.txt
-    python benchmarks/bench_throughput.py --host-only     # only the host time per step (~1 min)
+    python benchmarks/bench_throughput.py --host-only     # only part 3 (= bench_host.py, ~1 min)
 """
 
 from __future__ import annotations
@@ -274,85 +274,6 @@ def linears_alone(model, repeats: int = 5) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-# ---------------------------------------------------------------------------------- host time
-def host_time(batch: int, steps: int, rounds: int = 3) -> dict:
-    """Per decode step of ``batch`` requests on a tiny BLOOM, in process: the Decode handler's
-    time (``Generator.decode`` + the response protobuf) minus the model forward and LM head.
-
-    Also split out: the CPU attention backend's per-pass plan (``CpuBackend.prepare``, its index
-    arrays), and what the NPU backend's ``prepare`` costs on the host for the same metadata, to
-    give the host time of the NPU path (on an NPU the plan is that backend's). ``rounds`` batches
-    of ``steps`` steps each; the figures are the median over rounds of each round's p50/p90."""
-    from router_sim import params, text_input
-    from tgi_npu_backend.launcher.allocator import BlockAllocator
-    from tgi_npu_backend.launcher.warmup import build_warmup_request
-
-    from tgi_npu_backend.config import ServerConfig
-    from tgi_npu_backend.demo import write_checkpoint
-    from tgi_npu_backend import wire
-    from tgi_npu_backend.kernels.npu import NpuBackend
-    from tgi_npu_backend.load import build_generator
-
-    tiny = write_checkpoint(Path(tempfile.mkdtemp()) / "tiny", "bloom", seed=0)
-    gen = build_generator(ServerConfig(model_id=str(tiny), device="cpu", kv_cache_fraction=0.01))
-    warm = build_warmup_request(64, 512, 128, None)
-    gen.warmup(wire.batch_requests(warm.batch), 64, 512, 128)
-    spent = {"model": 0.0, "plan": 0.0, "npu_plan": 0.0}
-    npu = NpuBackend()
-
-    def timed(fn, key):
-        def wrapper(*a, **k):
-            t = now()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[key] += now() - t
-        return wrapper
-
-    gen.model.forward = timed(gen.model.forward, "model")
-    gen.model.compute_logits = timed(gen.model.compute_logits, "model")
-    cpu_prepare = timed(gen.runner.backend.prepare, "plan")
-
-    def prepare(meta):
-        t = now()
-        npu.prepare(meta)  # the NPU path's plan for the same pass (result unused)
-        spent["npu_plan"] += now() - t
-        return cpu_prepare(meta)
-
-    gen.runner.backend.prepare = prepare
-    per_round: dict[str, list[float]] = {}
-    for r in range(rounds):
-        alloc = BlockAllocator(gen.kv_cache.num_slots, gen.block_size)
-        reqs = []
-        for i in range(batch):
-            a = alloc.allocate(16 + steps + 1)
-            text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(12))
-            reqs.append(pb.Request(
-                id=i, inputs=text, input_chunks=text_input(text), truncate=16, parameters=params(),
-                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 1, ignore_eos_token=True),
-                blocks=list(a.blocks), slots=list(a.slots)))
-        out = gen.prefill(r, wire.batch_requests(pb.Batch(id=r, requests=reqs, size=batch)))
-        host, plan, npu_path, total = [], [], [], []
-        for _ in range(steps):
-            for k in spent:
-                spent[k] = 0.0
-            t = now()
-            out = gen.decode([r])
-            wire.step_pb(out, pb.DecodeResponse)
-            dt = now() - t - spent["npu_plan"]  # the NPU plan is not part of the CPU step
-            total.append(dt)
-            host.append(dt - spent["model"])
-            plan.append(spent["plan"])
-            npu_path.append(dt - spent["model"] - spent["plan"] + spent["npu_plan"])
-        gen.clear(None)
-        for key, values in (("host", host), ("plan", plan), ("npu_path", npu_path), ("step", total)):
-            per_round.setdefault(f"{key}_p50", []).append(pct(values, 50))
-            per_round.setdefault(f"{key}_p90", []).append(pct(values, 90))
-    out = {k: statistics.median(v) for k, v in per_round.items()}
-    out["host_p50_rounds"] = per_round["host_p50"]
-    return out
-
-
 # ---------------------------------------------------------------------------------- main
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` (all its threads)."""
@@ -385,7 +306,7 @@ def main() -> None:
                    help="record the shard with py-spy during the first throughput run (raw stacks here)")
     args = p.parse_args()
     if args.host_only:
-        host_report(args)
+        host_part(args)
         return
 
     model_dir = ensure_checkpoint(args.model_dir)
@@ -473,24 +394,14 @@ def main() -> None:
         # thread, the one-thread loop runs ~1.5x slower: host p50 1.65-1.70 against 1.09-1.11 ms
         # fresh (20 2048^2 matmuls first, alternated twice); 1.99 against 1.29 ms after this
         # script's HF runs. OMP_WAIT_POLICY=passive did not change it (1.83 ms); cause not found.
-        subprocess.run([sys.executable, __file__, "--host-only", "--host-batch", str(args.host_batch),
-                        "--host-steps", str(args.host_steps), "--host-rounds", str(args.host_rounds)],
-                       check=True)
+        host_part(args)
 
 
-def host_report(args) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: no waiting on a second, busy core
-    h = host_time(args.host_batch, args.host_steps, args.host_rounds)
-    torch.set_num_threads(threads)
-    print(f"host time per decode step at batch {args.host_batch} (tiny BLOOM, 1 torch thread, "
-          f"model forward and LM head excluded; median of {args.host_rounds} rounds of "
-          f"{args.host_steps} steps, the rounds' p50s "
-          f"{' / '.join(f'{x * 1e3:.2f}' for x in h['host_p50_rounds'])} ms): "
-          f"p50 {h['host_p50'] * 1e3:.2f} ms, p90 {h['host_p90'] * 1e3:.2f} ms (goal < 1 ms); "
-          f"of which the CPU attention plan p50 {h['plan_p50'] * 1e3:.2f} ms; with the NPU "
-          f"backend's plan instead (the NPU path's host work) p50 {h['npu_path_p50'] * 1e3:.2f} "
-          f"ms, p90 {h['npu_path_p90'] * 1e3:.2f} ms; whole step p50 {h['step_p50'] * 1e3:.2f} ms")
+def host_part(args) -> None:
+    """``bench_host.py`` in a process of its own (see the NOTE above)."""
+    subprocess.run([sys.executable, str(Path(__file__).with_name("bench_host.py")),
+                    "--batch", str(args.host_batch), "--steps", str(args.host_steps),
+                    "--rounds", str(args.host_rounds)], check=True)
 
 
 def report(name: str, r: dict) -> None:

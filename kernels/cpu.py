@@ -129,7 +129,7 @@ class CpuBackend(ReferenceBackend):
     def _decode_plan(meta: AttentionMetadata, bs: int) -> _DecodePlan:
         # NOTE: built with numpy on host arrays (this backend's tensors are host memory): a
         # few dozen ops on [blocks]-sized index arrays cost ~1 us each in numpy and ~5-10 us as
-        # torch ops, and this runs on every decode step (benchmarks/bench_throughput.py's host
+        # torch ops, and this runs on every decode step (benchmarks/bench_host.py's host
         # time per step).
         seq_lens = np.array(meta.seq_lens_list)
         counts = (seq_lens + (bs - 1)) // bs  # blocks per sequence

@@ -89,7 +89,7 @@ def cached_batch_pb(batch: CachedBatch) -> pb.CachedBatch:
 
 # NOTE: the messages are filled in place (``add()``, ``extend``) rather than built from keyword
 # arguments and copied into their parents: for a 32-request DecodeResponse that is 84 against
-# 190 us, on every step (benchmarks/bench_throughput.py's host time per step).
+# 190 us, on every step (benchmarks/bench_host.py's host time per step).
 def _fill_tokens(out: pb.Tokens, tokens: Tokens) -> None:
     out.ids.extend(tokens.ids)
     out.logprobs.extend(tokens.logprobs)
