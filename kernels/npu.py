@@ -37,9 +37,7 @@ from loguru import logger
 from torch import Tensor
 
 from .base import AttentionMetadata, Phase, plan_of, with_plan
-from .npu_platform import FUSED_DTYPES as _FUSED_DTYPES
-from .npu_platform import recommended_block_size
-from .npu_platform import load_torch_npu as _torch_npu
+from .npu_platform import FUSED_DTYPES, load_torch_npu, recommended_block_size
 from .reference import ReferenceBackend
 
 # Masked-out score in the masks we build. NOTE: op-plugin's own fp16 ALiBi golden uses -10000 and
@@ -120,7 +118,7 @@ class NpuBackend(ReferenceBackend):
         value_cache: Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        if key_cache.dtype not in _FUSED_DTYPES:
+        if key_cache.dtype not in FUSED_DTYPES:
             self._fallback("store_kv", f"{key_cache.dtype} KV cache (ATB takes fp16/bf16)")
             return super().store_kv(key, value, key_cache, value_cache, meta)
         # NOTE: the runner never emits -1 ("don't store") slots on this path; the op's docs say
@@ -139,7 +137,7 @@ class NpuBackend(ReferenceBackend):
             )
         else:
             slots = self._cached(meta, ("slots",), lambda: meta.slot_mapping.to(torch.int32))
-        _torch_npu()._npu_reshape_and_cache(
+        load_torch_npu()._npu_reshape_and_cache(
             key.contiguous(), value.contiguous(), key_cache, value_cache, slots
         )
 
@@ -156,7 +154,7 @@ class NpuBackend(ReferenceBackend):
         scale: float,
         alibi_slopes: Tensor | None,
     ) -> Tensor:
-        if query.dtype not in _FUSED_DTYPES:
+        if query.dtype not in FUSED_DTYPES:
             self._fallback("prefill", f"{query.dtype} activations (ATB takes fp16/bf16)")
             return super().prefill(
                 query, key, value, key_cache, value_cache, meta, scale, alibi_slopes
@@ -165,7 +163,7 @@ class NpuBackend(ReferenceBackend):
             return self._splitfuse(query, key_cache, value_cache, meta, scale)
         if meta.has_prefix:
             return self._paged_per_token(query, key_cache, value_cache, meta, scale, alibi_slopes)
-        torch_npu = _torch_npu()
+        torch_npu = load_torch_npu()
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         heads, kv_heads = query.shape[1], key.shape[1]
         out = torch.empty_like(query)
@@ -213,7 +211,7 @@ class NpuBackend(ReferenceBackend):
         scale: float,
         alibi_slopes: Tensor | None,
     ) -> Tensor:
-        if query.dtype not in _FUSED_DTYPES:
+        if query.dtype not in FUSED_DTYPES:
             self._fallback("decode", f"{query.dtype} activations (ATB takes fp16/bf16)")
             return super().decode(query, key_cache, value_cache, meta, scale, alibi_slopes)
         return self._paged_per_token(query, key_cache, value_cache, meta, scale, alibi_slopes)
@@ -228,7 +226,7 @@ class NpuBackend(ReferenceBackend):
         absolute key positions. ALiBi passes keep the per-token path (the op takes no slopes)."""
         query = query.contiguous()
         out = torch.empty_like(query)
-        _torch_npu()._npu_paged_attention_splitfuse(
+        load_torch_npu()._npu_paged_attention_splitfuse(
             query,
             key_cache,
             value_cache,
@@ -270,7 +268,7 @@ class NpuBackend(ReferenceBackend):
     ) -> Tensor:
         """Paged attention with one query row per token: decode (one token per sequence) and
         prefill over a cached prefix (every token of the chunk, each with its own context)."""
-        torch_npu = _torch_npu()
+        torch_npu = load_torch_npu()
         query = query.contiguous()
         heads, kv_heads = query.shape[1], key_cache.shape[2]
         table, lens, lens_list = self._token_tables(meta)
@@ -315,18 +313,18 @@ class NpuBackend(ReferenceBackend):
     # --- Gemma's pointwise kernels --------------------------------------------------------------
 
     def rms_norm(self, x: Tensor, gamma: Tensor, eps: float) -> Tensor:
-        if x.dtype not in _FUSED_DTYPES:
+        if x.dtype not in FUSED_DTYPES:
             self._fallback("rms_norm", f"{x.dtype} activations")
             return super().rms_norm(x, gamma, eps)
-        return _torch_npu().npu_rms_norm(x, self._gamma(gamma, x.dtype), epsilon=eps)[0]
+        return load_torch_npu().npu_rms_norm(x, self._gamma(gamma, x.dtype), epsilon=eps)[0]
 
     def add_rms_norm(
         self, x: Tensor, residual: Tensor, gamma: Tensor, eps: float
     ) -> tuple[Tensor, Tensor]:
-        if x.dtype not in _FUSED_DTYPES:
+        if x.dtype not in FUSED_DTYPES:
             self._fallback("add_rms_norm", f"{x.dtype} activations")
             return super().add_rms_norm(x, residual, gamma, eps)
-        y, _rstd, s = _torch_npu().npu_add_rms_norm(
+        y, _rstd, s = load_torch_npu().npu_add_rms_norm(
             x, residual, self._gamma(gamma, x.dtype), epsilon=eps
         )
         return y, s
@@ -334,10 +332,10 @@ class NpuBackend(ReferenceBackend):
     def rotary(
         self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, Tensor]:
-        if query.dtype not in _FUSED_DTYPES:
+        if query.dtype not in FUSED_DTYPES:
             self._fallback("rotary", f"{query.dtype} activations")
             return super().rotary(query, key, cos, sin)
-        torch_npu = _torch_npu()
+        torch_npu = load_torch_npu()
         # npu_rotary_mul takes 4-D input: [T, H, D] -> [1, T, H, D] (BSND, B = 1) with cos/sin
         # [T, 1, D] -> [1, T, 1, D] (the documented 1S1D broadcast). NOTE: not [T, 1, H, D]:
         # the 'half' mode documents B < 1000, which a long prefill would exceed. Query and key

@@ -36,8 +36,7 @@ def npu_available() -> bool:
     if importlib.util.find_spec("torch_npu") is None:
         return False
     try:
-        import torch_npu  # noqa: F401
-
+        load_torch_npu()  # registers torch.npu
         return bool(torch.npu.is_available())
     except (ImportError, RuntimeError, OSError, AttributeError):
         return False
