@@ -64,6 +64,37 @@ class _DecodePlan:
 
 
 @dataclass
+class _BlockLayout:
+    """The part of a decode plan fixed by the block table and the blocks each sequence holds."""
+
+    table: Tensor  # the block table it was built from (the same object while a batch decodes)
+    counts: np.ndarray  # [B] blocks each sequence holds
+    bs: int
+    blocks: Tensor  # [N] int64
+    seq_of: Tensor  # [N] int64
+    seq_of_np: np.ndarray
+    key_pos: np.ndarray  # [N, bs] float32 position of each key slot
+    last: Tensor  # [B] int64
+    last_np: np.ndarray
+    runs: list[tuple[int, int, int]] | None
+
+    @staticmethod
+    def build(block_tables: Tensor, counts: np.ndarray, bs: int) -> _BlockLayout:
+        table = block_tables.numpy()
+        held = np.arange(table.shape[1]) < counts[:, None]  # [B, max_blocks]
+        seq_of, index = np.nonzero(held)  # sequence by sequence, block index in its sequence
+        blocks = table[held].astype(np.int64)
+        key_pos = (index * bs)[:, None] + np.arange(bs)
+        last = np.cumsum(counts) - 1
+        return _BlockLayout(
+            table=block_tables, counts=counts, bs=bs,
+            blocks=torch.from_numpy(blocks), seq_of=torch.from_numpy(seq_of), seq_of_np=seq_of,
+            key_pos=key_pos.astype(np.float32), last=torch.from_numpy(last), last_np=last,
+            runs=_runs(blocks, seq_of, last),
+        )
+
+
+@dataclass
 class _CpuPlan:
     attention: _DecodePlan | list[_PrefillGroup]
     # Where ``store_kv`` writes, the same for every layer: the tokens with a slot (None: all, no
@@ -102,6 +133,10 @@ class CpuBackend(ReferenceBackend):
 
     name = "cpu"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._layout: _BlockLayout | None = None  # the last decode pass's (see _decode_plan)
+
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
     ) -> tuple[int, ...]:
@@ -125,29 +160,32 @@ class CpuBackend(ReferenceBackend):
             store_offsets=torch.from_numpy(offsets),
         ))
 
-    @staticmethod
-    def _decode_plan(meta: AttentionMetadata, bs: int) -> _DecodePlan:
+    def _decode_plan(self, meta: AttentionMetadata, bs: int) -> _DecodePlan:
         # NOTE: built with numpy on host arrays (this backend's tensors are host memory): a
         # few dozen ops on [blocks]-sized index arrays cost ~1 us each in numpy and ~5-10 us as
         # torch ops, and this runs on every decode step (benchmarks/bench_host.py's host
-        # time per step).
+        # time per step). Only the positions change from one step to the next; which blocks each
+        # sequence reads (the layout) changes when one enters a new block (every ``bs`` steps)
+        # or the batch changes, so the last layout is kept and reused while it still holds.
         seq_lens = np.array(meta.seq_lens_list)
         counts = (seq_lens + (bs - 1)) // bs  # blocks per sequence
-        table = meta.block_tables.numpy()
-        held = np.arange(table.shape[1]) < counts[:, None]  # [B, max_blocks]
-        seq_of, index = np.nonzero(held)  # sequence by sequence, block index in its sequence
-        blocks = table[held].astype(np.int64)
+        layout = self._layout
+        if (
+            layout is None
+            or layout.table is not meta.block_tables
+            or layout.bs != bs
+            or not np.array_equal(layout.counts, counts)
+        ):
+            layout = self._layout = _BlockLayout.build(meta.block_tables, counts, bs)
         # key position - query position, [N, bs]
-        rel = (index * bs - (seq_lens - 1)[seq_of])[:, None] + np.arange(bs)
-        last = np.cumsum(counts) - 1
-        n = len(blocks)
+        rel = layout.key_pos - (seq_lens - 1).astype(np.float32)[layout.seq_of_np][:, None]
         return _DecodePlan(
-            blocks=torch.from_numpy(blocks),
-            seq_of=torch.from_numpy(seq_of),
-            rel=torch.from_numpy(rel.astype(np.float32)).view(n, 1, 1, bs),
-            last=torch.from_numpy(last),
-            last_invalid=torch.from_numpy(rel[last] > 0).view(-1, 1, bs, 1),
-            runs=_runs(blocks, seq_of, last),
+            blocks=layout.blocks,
+            seq_of=layout.seq_of,
+            rel=torch.from_numpy(rel).view(-1, 1, 1, bs),
+            last=layout.last,
+            last_invalid=torch.from_numpy(rel[layout.last_np] > 0).view(-1, 1, bs, 1),
+            runs=layout.runs,
         )
 
     @staticmethod

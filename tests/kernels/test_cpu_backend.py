@@ -162,6 +162,43 @@ def test_decode_in_place_over_runs(kv_heads, alibi, poison):
           poison=poison, tables=RUN_TABLES)
 
 
+@ALIBI
+def test_decode_reuses_its_block_layout_only_while_it_holds(alibi):
+    """The model runner keeps one block-table tensor while a batch decodes; the backend reuses
+    the blocks it derived from it until a sequence enters a new block (here the first sequence, at
+    the third step) or another table comes, and every step still matches the oracle (NaN in every
+    unwritten slot)."""
+    prompts = [14, 20, 40]
+    slopes = bloom_slopes(HEADS) if alibi else None
+    backend = CpuBackend()
+    paged = Paged([n + 4 for n in prompts], 16, 2, torch.float32, seed=9, poison=True, backend=backend)
+    seqs = range(len(prompts))
+    paged.run(seqs, [(0, n) for n in prompts], slopes, True)
+    shared = []
+    build = paged.meta
+
+    def meta(*args, **kwargs):  # one table object for the batch's decode steps, as the runner
+        m = build(*args, **kwargs)
+        if m.phase is Phase.DECODE:
+            shared.append(shared[0] if shared else m.block_tables)
+            m.block_tables = shared[0]
+        return m
+
+    paged.meta = meta
+    layouts = []
+    for s in range(4):
+        out, expected = paged.run(seqs, [(n + s, n + s + 1) for n in prompts], slopes, False)
+        torch.testing.assert_close(out, expected, **TOL[torch.float32])
+        layouts.append(backend._layout)
+    # step 0: built; 1: kept; 2: the first sequence's position 16 opens its second block; 3: kept
+    assert layouts[1] is layouts[0] and layouts[2] is not layouts[1] and layouts[3] is layouts[2]
+    assert layouts[0].counts.tolist() == [1, 2, 3] and layouts[2].counts.tolist() == [2, 2, 3]
+    shared.clear()  # a new table object (a batch that changed): built again
+    out, expected = paged.run(seqs, [(n + 3, n + 4) for n in prompts], slopes, False)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    assert backend._layout is not layouts[3]
+
+
 @pytest.mark.parametrize("tables", [None, "runs"], ids=["gathered", "in-place"])
 @pytest.mark.parametrize("batch", [1, 3], ids=["one", "batched"])
 def test_decode_with_far_keys_scored_below_exp_underflow(tables, batch):
