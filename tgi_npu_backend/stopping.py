@@ -12,6 +12,8 @@ import re
 import weakref
 from typing import Protocol
 
+from .byte_decode import byte_level_decoder
+
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder emits for an incomplete UTF-8 sequence
 
 
@@ -101,7 +103,10 @@ class IncrementalDetokenizer:
     Each step decodes only a short window ``ids[prefix_offset:]`` (a few tokens of context before
     the unread ones, starting with the last 5 prompt tokens) and emits what the newest tokens add
     to the context's text, once that no longer ends with U+FFFD; the window is trimmed as the
-    offsets advance, so a step costs the same at token 10 and token 10 000.
+    offsets advance, so a step costs the same at token 10 and token 10 000. With a byte-level BPE
+    tokenizer the windows decode from a table of token bytes (``byte_decode.py``), and a token
+    whose bytes are valid UTF-8 alone, after a prefix whose tokens all are, appends its own text
+    without decoding anything.
 
     Contract (what the caller relies on):
 
@@ -137,9 +142,19 @@ class IncrementalDetokenizer:
         # (transformers 5 TokenizersBackend._decode); two decodes per request per step add up.
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._fast_decode = getattr(backend, "decode", None)
+        # a byte-level BPE tokenizer (BLOOM's) decodes from a table of token bytes, in Python
+        self._table = byte_level_decoder(tokenizer)
         self._single = _single_token_texts(tokenizer)
+        self._valid_prefix = self._all_valid(self._window)
+
+    def _all_valid(self, ids: list[int]) -> bool:
+        """With the table: each of ``ids`` alone is valid UTF-8 (``ByteLevelDecoder.text_of``)."""
+        table = self._table
+        return table is not None and all(table.text_of(i) is not None for i in ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._table is not None:
+            return self._table.decode(ids)
         # NOTE: after a piece is emitted the prefix window is usually the one token just read, so
         # one of a step's two decodes is of a single token: a pure function of its id, memoised
         # per tokenizer.
@@ -172,7 +187,20 @@ class IncrementalDetokenizer:
             )
         self._settled = None
         self._generated.append(token_id)
-        self._window.append(token_id)
+        window = self._window
+        window.append(token_id)
+        if self._valid_prefix and self._read == len(window) - 1:
+            text = self._table.text_of(token_id)
+            if text is not None:
+                # The prefix's bytes and this token's are valid UTF-8 apart, so the window
+                # decodes to the prefix's text + ``text``: the path below, without decoding.
+                if not text or text.endswith(REPLACEMENT_CHAR):
+                    return ""
+                del window[: self._read]
+                self._prefix, self._read = 0, 1
+                self._prefix_text = text
+                self._pieces.append(text)
+                return text
         prefix_text = self._prefix_window_text()
         new_text = self._decode(self._window[self._prefix :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
@@ -184,6 +212,7 @@ class IncrementalDetokenizer:
         del self._window[: self._read]
         self._prefix, self._read = 0, len(self._window)
         self._prefix_text = None
+        self._valid_prefix = self._all_valid(self._window)
         self._pieces.append(piece)
         return piece
 

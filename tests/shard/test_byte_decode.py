@@ -1,0 +1,112 @@
+"""The byte-level table decoder (``tgi_npu_backend/byte_decode.py``) against the ``tokenizers``
+library's own decode: random ids over a vocabulary holding every single byte (so every UTF-8
+error a byte sequence can have comes up), added tokens special and not, ids past the vocabulary.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tokenizers import AddedToken, decoders
+from transformers import PreTrainedTokenizerFast
+
+from tgi_npu_backend.byte_decode import ByteLevelDecoder, byte_level_alphabet, byte_level_decoder
+from tgi_npu_backend.demo import BLOOM_SPECIALS, train_tokenizer
+from tgi_npu_backend.stopping import IncrementalDetokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_tokenizer(400, BLOOM_SPECIALS, None)
+    # a non-special added token with characters outside the byte-level alphabet (decoded as its
+    # own UTF-8), one within it, and a special one that is not among the model's specials
+    tok.add_tokens([AddedToken("héllo ✓", special=False), AddedToken("<tool>", special=False)])
+    tok.add_special_tokens([AddedToken("<sep>", special=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+
+
+def rust_decode(tokenizer, ids):
+    return tokenizer.backend_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def byte_tokens(tokenizer) -> list[int]:
+    """The ids of the 256 one-byte tokens (a byte-level vocabulary starts from all of them)."""
+    alphabet = byte_level_alphabet()
+    token = tokenizer.backend_tokenizer.id_to_token
+    return [i for i in range(len(tokenizer)) if token(i) in alphabet]
+
+
+def test_alphabet_is_the_byte_level_pre_tokenizers():
+    from tokenizers import pre_tokenizers
+
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet.values()) == list(range(256))
+    assert set(alphabet) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert alphabet["Ġ"] == ord(" ") and alphabet["!"] == ord("!")
+
+
+def test_random_ids_decode_as_the_library_does(tokenizer):
+    table = byte_level_decoder(tokenizer)
+    assert table is not None and byte_level_decoder(tokenizer) is table  # one per tokenizer
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    singles = byte_tokens(tokenizer)
+    assert len(singles) == 256  # any byte sequence can be drawn
+    for n in range(3000):
+        pool = singles if n % 2 else range(vocab + 3)  # + ids with no token
+        ids = [rng.choice(pool) for _ in range(rng.randrange(0, 9))]
+        assert table.decode(ids) == rust_decode(tokenizer, ids), ids
+
+
+def test_added_and_special_tokens(tokenizer):
+    table = byte_level_decoder(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(["héllo ✓", "<tool>", "<sep>", "</s>", "<pad>"])
+    assert table.decode(ids[:1]) == "héllo ✓" == rust_decode(tokenizer, ids[:1])
+    assert table.decode(ids) == rust_decode(tokenizer, ids) == "héllo ✓<tool>"
+    assert table.decode([-1, 10**9]) == ""  # no token: dropped
+
+
+def test_other_decoders_keep_the_library(tokenizer):
+    from tokenizers import Tokenizer, models
+
+    metaspace = Tokenizer(models.BPE())
+    metaspace.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
+    assert byte_level_decoder(PreTrainedTokenizerFast(tokenizer_object=metaspace)) is None
+    assert byte_level_decoder(object()) is None  # no Rust backend at all
+
+
+def test_detokenizer_streams_with_the_table(tokenizer):
+    """The detokenizer takes the table for this tokenizer, and streams what the library's
+    decode gives (random single-byte tokens: UTF-8 characters cut across tokens)."""
+    rng = random.Random(1)
+    singles = byte_tokens(tokenizer)
+    text = "Grüße 日本語 🙂 ok"
+    prompt = tokenizer.encode(text)
+    for _ in range(20):
+        generated = [rng.choice(singles) for _ in range(30)] + tokenizer.encode(text)
+        detok = IncrementalDetokenizer(tokenizer, prompt)
+        assert detok._table is byte_level_decoder(tokenizer)
+        pieces = [detok.step(t, False) for t in generated]
+        pieces.append(detok.finish())
+        expected = rust_decode(tokenizer, prompt[-1:] + generated)[len(rust_decode(tokenizer, prompt[-1:])):]
+        assert "".join(pieces) == detok.final_text() == expected
+
+
+def test_text_that_flows_is_not_decoded(tokenizer, monkeypatch):
+    """Tokens valid UTF-8 on their own append their own text (valid UTF-8 concatenates): plain
+    text streams without decoding a window; characters cut across tokens still decode one."""
+    table = byte_level_decoder(tokenizer)
+    calls = []
+    monkeypatch.setattr(table, "decode", lambda ids: calls.append(ids) or ByteLevelDecoder.decode(table, ids))
+    prompt = tokenizer.encode("The quick brown fox")
+    generated = tokenizer.encode(" jumps over the lazy dog," * 4)
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    assert "".join(detok.step(t, False) for t in generated) == rust_decode(tokenizer, generated)
+    assert calls == []
+    cut = tokenizer.encode(" 深度学习模型")
+    assert any(byte_level_decoder(tokenizer).text_of(t) is None for t in cut)
+    pieces = [detok.step(t, False) for t in cut]
+    assert "" in pieces and calls  # held back, then decoded as a window
+    pieces.append(detok.finish())
+    assert "".join(pieces) == " 深度学习模型"
