@@ -1,9 +1,10 @@
 """Host time per decode step of the shard (a script, not a test; ``bench_throughput.py`` runs it).
 
-``--batch`` requests decode together on a tiny BLOOM, in this process, with one torch thread: the
-Decode handler's time (``Generator.decode`` and the response's protobuf) minus the model's
-forward and LM head, i.e. what the host adds to every step. On an NPU, whose decode step is
-~10-30 ms, this is what decides throughput. Printed: p50 and p90 (goal < 1 ms), the CPU attention
+``--batch`` requests decode together on a tiny BLOOM, in this process, on the server's generator
+thread (``server.torch_thread``) with one torch thread: the Decode handler's time
+(``Generator.decode`` and the response's protobuf) minus the model's forward and LM head, i.e.
+what the host adds to every step. On an NPU, whose decode step is ~10-30 ms, this is what decides
+throughput. Printed: p50 and p90 (goal < 1 ms), the CPU attention
 backend's per-pass plan, and the same host time with the NPU backend's plan in its place (the NPU
 path's host work).
 
@@ -35,6 +36,7 @@ from tgi_npu_backend.config import ServerConfig
 from tgi_npu_backend.demo import write_checkpoint
 from tgi_npu_backend.load import build_generator
 from tgi_npu_backend.pb import generate_pb2 as pb
+from tgi_npu_backend.server import torch_thread
 
 
 def host_time(batch: int, steps: int, rounds: int = 3) -> dict:
@@ -112,10 +114,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="decode steps per round")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: no waiting on a second, busy core
-    h = host_time(args.batch, args.steps, args.rounds)
-    torch.set_num_threads(threads)
+    def on_generator_thread() -> dict:
+        torch.set_num_threads(1)  # small ops: no waiting on a second, busy core
+        return host_time(args.batch, args.steps, args.rounds)
+
+    # the server's generator thread (loads the model, runs every step, in inference mode)
+    with torch_thread() as worker:
+        h = worker.submit(on_generator_thread).result()
     print(f"host time per decode step at batch {args.batch} (tiny BLOOM, 1 torch thread, "
           f"model forward and LM head excluded; median of {args.rounds} rounds of "
           f"{args.steps} steps, the rounds' p50s "

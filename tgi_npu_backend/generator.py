@@ -32,7 +32,7 @@ from .kv_sizing import size_kv_pool
 from .model_runner import ModelRunner
 from .outputs import CachedBatch, Generation, Info, StepOutput, Tokens
 from .request import Request, RequestSpec
-from .sampling import top_n_tokens
+from .sampling import chosen_to_host, top_n_tokens
 
 
 def _now() -> int:
@@ -259,12 +259,11 @@ class Generator:
         tops = None
         if yielding:
             next_ids, logprobs = self.runner.choose(batch, yielding, out.next_logits)
-            picked = logprobs.gather(1, next_ids[:, None]).squeeze(1)
             if batch.wants_top_tokens:
                 top_n = [requests[i].top_n if requests[i].owned else 0 for i in yielding]
                 tops = top_n_tokens(logprobs, top_n)
-            chosen = next_ids.tolist()  # device -> host sync: end of the forward part
-            chosen_logprobs = picked.tolist()
+            # device -> host sync: end of the forward part
+            chosen, chosen_logprobs = chosen_to_host(logprobs, next_ids)
         forward_ns = _now() - start
 
         start = _now()

@@ -179,8 +179,13 @@ class ModelRunner:
         )
         return step, positions, meta
 
-    @torch.inference_mode()
     def forward(self, batch: Batch, kv_cache: KVCache) -> StepLogits:
+        if torch.is_inference_mode_enabled():  # the server's generator thread (server.py)
+            return self._forward(batch, kv_cache)
+        with torch.inference_mode():
+            return self._forward(batch, kv_cache)
+
+    def _forward(self, batch: Batch, kv_cache: KVCache) -> StepLogits:
         if batch.prefilling:
             input_ids, positions, meta = self.build_inputs(batch, kv_cache.block_size)
             step = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -363,6 +364,20 @@ def _argmax(scores: Tensor) -> Tensor:
     if scores.device.type == "cpu" and scores.dtype == torch.float32:
         return torch.from_numpy(scores.detach().numpy().argmax(-1))
     return scores.max(dim=-1).indices
+
+
+def chosen_to_host(logprobs: Tensor, next_ids: Tensor) -> tuple[list[int], list[float]]:
+    """The chosen ids and the logprob of each, as host lists: the step's device -> host copy.
+
+    NOTE: on the CPU, numpy's fancy indexing of the two arrays, after ``_argmax`` has used numpy,
+    instead of ``gather`` + ``squeeze`` and two tensor ``tolist`` calls: a handful of torch
+    operations that each cost tens of microseconds right after a forward pass has evicted the
+    host code from the CPU caches (benchmarks/bench_host.py). Same float32 values."""
+    if logprobs.device.type == "cpu" and logprobs.dtype == torch.float32:
+        ids = next_ids.numpy()
+        return ids.tolist(), logprobs.numpy()[np.arange(len(ids)), ids].tolist()
+    picked = logprobs.gather(1, next_ids[:, None]).squeeze(1)
+    return next_ids.tolist(), picked.tolist()
 
 
 def top_n_tokens(logprobs: Tensor, top_n: list[int]) -> list[tuple[list[int], list[float]]]:

@@ -8,7 +8,8 @@ every thread that runs a parallel op, and two teams are more of its threads than
 cores. Loading on the main thread and stepping on the worker made a bloom-560m batch-1 decode
 step ~1.45x slower on 2 cores (the README's Performance section). On an NPU the current device is
 per thread too: the thread that binds it (``Platform.set_device``, in ``build_generator``) is
-the one that runs the steps.
+the one that runs the steps. That thread stays in ``torch.inference_mode`` for its whole life
+(entered once, not per step).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from grpc_reflection.v1alpha import reflection
 from loguru import logger
 
@@ -31,10 +34,27 @@ from .distributed import abort_process
 from .generator import Generator
 from .interceptor import ExceptionInterceptor
 
+_THREAD = threading.local()
+
+
+def _stay_in_inference_mode() -> None:
+    """The generator thread's initializer: ``torch.inference_mode`` for the thread's life.
+
+    NOTE: entering it per forward pass costs tens of microseconds of host time per decode step
+    (a dozen Python calls in torch's context-manager code, run right after a forward pass has
+    evicted them from the CPU caches; benchmarks/bench_host.py); ``ModelRunner.forward`` enters
+    it only where it is off. Every tensor this thread makes is an inference tensor, and no
+    tensor leaves the thread."""
+    mode = torch.inference_mode()
+    mode.__enter__()
+    _THREAD.inference_mode = mode  # the mode holds while the object lives
+
 
 def torch_thread() -> ThreadPoolExecutor:
     """The single thread that loads the model and then runs every Generator call."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+    return ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="generator", initializer=_stay_in_inference_mode
+    )
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
