@@ -1,4 +1,5 @@
-"""Every torch op of a serving shard runs on one thread: the one that loaded the model.
+"""Every torch op of a serving shard runs on one thread: the one that loaded the model, which
+stays in torch.inference_mode.
 
 torch's OpenMP runtime (libgomp) keeps a team of worker threads per thread that runs a parallel
 op; a second team (the model loaded on the main thread, steps run on the generator thread) puts
@@ -15,6 +16,7 @@ import threading
 import uuid
 
 import grpc
+import torch
 
 from tgi_npu_backend import load, server
 from tgi_npu_backend.config import ServerConfig
@@ -27,12 +29,15 @@ class RecordingGenerator:
 
     def __init__(self):
         self.threads: dict[str, int] = {"load": threading.get_ident()}
+        self.inference_mode = {"load": torch.is_inference_mode_enabled()}
 
     def clear(self, batch_id):
         self.threads["clear"] = threading.get_ident()
+        self.inference_mode["clear"] = torch.is_inference_mode_enabled()
 
     def health(self):
         self.threads["health"] = threading.get_ident()
+        self.inference_mode["health"] = torch.is_inference_mode_enabled()
 
 
 def test_the_model_loads_on_the_thread_that_runs_the_steps(monkeypatch):
@@ -61,6 +66,9 @@ def test_the_model_loads_on_the_thread_that_runs_the_steps(monkeypatch):
     assert set(gen.threads) == {"load", "clear", "health"}
     assert len(set(gen.threads.values())) == 1, gen.threads
     assert gen.threads["load"] != threading.get_ident(), "not the main thread: it runs the event loop"
+    # the thread stays in inference mode (entered once: ModelRunner.forward then skips it)
+    assert gen.inference_mode == {"load": True, "clear": True, "health": True}
+    assert not torch.is_inference_mode_enabled()
 
 
 def test_the_stepping_thread_flushes_denormals_on_a_cpu_platform():
