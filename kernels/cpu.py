@@ -167,7 +167,8 @@ class CpuBackend(ReferenceBackend):
         # time per step). Only the positions change from one step to the next; which blocks each
         # sequence reads (the layout) changes when one enters a new block (every ``bs`` steps)
         # or the batch changes, so the last layout is kept and reused while it still holds.
-        seq_lens = np.array(meta.seq_lens_list)
+        host = meta.seq_lens_host  # the runner's host copy (a decode step's), else the list
+        seq_lens = host.numpy() if host is not None else np.array(meta.seq_lens_list)
         counts = (seq_lens + (bs - 1)) // bs  # blocks per sequence
         layout = self._layout
         if (

@@ -55,7 +55,8 @@ class DecodeInputs:
 
     requests: list[Request]
     block_tables: Tensor  # [B, max_blocks] int32 (device), fixed for the batch's life
-    table: np.ndarray  # the same on the host
+    table: np.ndarray  # the same on the host, int64
+    rows: np.ndarray  # [B] int64, 0..B-1
     positions: np.ndarray  # [B] int64, position of each request's token in this step
     max_seq_len: int  # max(positions) + 1
     cu_seqlens_q: Tensor  # [B + 1] int32 (device), 0..B
@@ -71,6 +72,7 @@ class DecodeInputs:
             requests=self.requests,
             block_tables=self.block_tables,
             table=self.table,
+            rows=self.rows,
             positions=self.positions + 1,
             max_seq_len=self.max_seq_len + 1,
             cu_seqlens_q=self.cu_seqlens_q,
@@ -83,8 +85,8 @@ class DecodeInputs:
         """This step's positions (on the device) and attention metadata."""
         pos = self.positions
         seq_lens = pos + 1
-        rows = np.arange(len(pos))
-        slots = self.table[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        block, offset = np.divmod(pos, block_size)
+        slots = self.table[self.rows, block] * block_size + offset
         device = self.input_ids.device
         upload = host_to_device(device)
         seq_lens_host = torch.from_numpy(seq_lens.astype(np.int32))
@@ -169,7 +171,8 @@ class ModelRunner:
             block_tables=meta.block_tables,
             # the host copy of the table ``build`` uploaded (rebuilt: on an accelerator the
             # metadata holds only the device one; a batch change is rare)
-            table=padded_block_table([r.blocks for r in reqs]),
+            table=padded_block_table([r.blocks for r in reqs]).astype(np.int64),
+            rows=np.arange(len(reqs)),
             positions=np.array(meta.context_lens_list, dtype=np.int64),  # decode: position = context
             max_seq_len=meta.max_seqlen_k,
             cu_seqlens_q=meta.cu_seqlens_q,
