@@ -19,6 +19,7 @@ from tgi_npu_backend.kernels import (
     get_backend,
 )
 from tgi_npu_backend.kernels.cpu import CpuBackend
+from tgi_npu_backend.kernels.cpu_plan import prefill_plan
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +121,7 @@ def test_garbage_in_unused_cache_does_not_leak(kv_heads, alibi):
 def test_prefill_groups_of_skewed_lengths(kv_heads, alibi):
     """Lengths far apart fall into several padded groups; a decode then spans 1 to 7 blocks."""
     lens = [100, 1, 3, 60, 2, 50, 7, 5]
-    groups = CpuBackend._prefill_plan(Paged(lens, 16, kv_heads, torch.float32).meta(
+    groups = prefill_plan(Paged(lens, 16, kv_heads, torch.float32).meta(
         range(len(lens)), [(0, n) for n in lens], True))
     assert len(groups) > 1 and sorted(t for g in groups for t in g.tokens.tolist()) == list(range(sum(lens)))
     seqs = range(len(lens))
