@@ -66,7 +66,7 @@ class ByteLevelDecoder:
             return self._texts[token_id]
         except KeyError:
             try:
-                text = self._bytes_of(token_id).decode("utf-8")
+                text = self.bytes_of(token_id).decode("utf-8")
             except UnicodeDecodeError:
                 text = None
             self._texts[token_id] = text
@@ -77,10 +77,12 @@ class ByteLevelDecoder:
         try:
             pieces = [table[i] for i in ids]
         except KeyError:
-            pieces = [self._bytes_of(i) for i in ids]
+            pieces = [self.bytes_of(i) for i in ids]
         return b"".join(pieces).decode("utf-8", "replace")
 
-    def _bytes_of(self, token_id: int) -> bytes:
+    def bytes_of(self, token_id: int) -> bytes:
+        """The UTF-8 bytes ``token_id`` contributes to a decoding (b"" for a special token or an
+        id with no token)."""
         data = self._bytes.get(token_id)
         if data is None:
             token = self._id_to_token(token_id) if token_id >= 0 else None

@@ -126,10 +126,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]) -> None:
         self.tokenizer = tokenizer
         prefix_offset = max(len(prompt_ids) - self.PREFIX_TOKENS, 0)
-        self._window = list(prompt_ids[prefix_offset:])  # ids[prefix_offset:]; indices relative
-        self._prefix = 0  # prefix_offset - (ids dropped from the window's front)
-        self._read = len(self._window)  # read_offset, same frame
-        self._prefix_text: str | None = None  # decoded window[prefix:read], until the offsets move
+        # ids[prefix_offset:]: the ids before prefix_offset are dropped as it advances, so the
+        # window starts at the prefix offset and ``_read`` is read_offset in its frame
+        self._window = list(prompt_ids[prefix_offset:])
+        self._read = len(self._window)
+        self._prefix_text: str | None = None  # decoded window[:read], until the offsets move
         self._anchor = list(prompt_ids[-1:])  # TGI's one preceding token for the final text
         self._generated: list[int] = []  # non-special generated ids
         # the non-special pieces returned so far (joined when read: ``+=`` on an attribute copies
@@ -146,6 +147,13 @@ class IncrementalDetokenizer:
         self._table = byte_level_decoder(tokenizer)
         self._single = _single_token_texts(tokenizer)
         self._valid_prefix = self._all_valid(self._window)
+        # with the table, the window's bytes and how many of them are window[:read]'s: a window
+        # decodes from them with one ``bytes.decode``, however long it has grown while its text
+        # ends in an incomplete character (each byte of a CJK character can be a token of its own)
+        self._window_bytes = bytearray()
+        if self._table is not None:
+            self._window_bytes.extend(b"".join(map(self._table.bytes_of, self._window)))
+        self._read_bytes = len(self._window_bytes)
 
     def _all_valid(self, ids: list[int]) -> bool:
         """With the table: each of ``ids`` alone is valid UTF-8 (``ByteLevelDecoder.text_of``)."""
@@ -189,38 +197,49 @@ class IncrementalDetokenizer:
         self._generated.append(token_id)
         window = self._window
         window.append(token_id)
-        if self._valid_prefix and self._read == len(window) - 1:
-            text = self._table.text_of(token_id)
-            if text is not None:
-                # The prefix's bytes and this token's are valid UTF-8 apart, so the window
-                # decodes to the prefix's text + ``text``: the path below, without decoding.
-                if not text or text.endswith(REPLACEMENT_CHAR):
-                    return ""
-                del window[: self._read]
-                self._prefix, self._read = 0, 1
-                self._prefix_text = text
-                self._pieces.append(text)
-                return text
-        prefix_text = self._prefix_window_text()
-        new_text = self._decode(self._window[self._prefix :])
+        table = self._table
+        if table is not None:
+            self._window_bytes += table.bytes_of(token_id)
+            if self._valid_prefix and self._read == len(window) - 1:
+                text = table.text_of(token_id)
+                if text is not None:
+                    # The prefix's bytes and this token's are valid UTF-8 apart, so the window
+                    # decodes to the prefix's text + ``text``: the path below, without decoding.
+                    if not text or text.endswith(REPLACEMENT_CHAR):
+                        return ""
+                    self._advance()
+                    self._prefix_text = text
+                    self._pieces.append(text)
+                    return text
+        prefix_text, new_text = self._window_texts()
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             # incomplete character (or nothing visible yet): hold back; the offsets stay, and so
             # does the prefix's text
             return ""
         piece = new_text[len(prefix_text) :]
-        # Offsets advance to (read_offset, len(ids)); drop what is before the new prefix.
-        del self._window[: self._read]
-        self._prefix, self._read = 0, len(self._window)
-        self._prefix_text = None
+        self._advance()
         self._valid_prefix = self._all_valid(self._window)
         self._pieces.append(piece)
         return piece
 
-    def _prefix_window_text(self) -> str:
-        """``window[prefix:read]`` decoded, kept until the offsets move."""
+    def _advance(self) -> None:
+        """Offsets advance to (read_offset, len(ids)): what is before the new prefix goes."""
+        del self._window[: self._read]
+        self._read = len(self._window)
+        del self._window_bytes[: self._read_bytes]
+        self._read_bytes = len(self._window_bytes)
+        self._prefix_text = None
+
+    def _window_texts(self) -> tuple[str, str]:
+        """``window[:read]`` decoded (kept until the offsets move) and ``window`` decoded."""
+        if self._table is not None:
+            data = self._window_bytes
+            if self._prefix_text is None:
+                self._prefix_text = data[: self._read_bytes].decode("utf-8", "replace")
+            return self._prefix_text, data.decode("utf-8", "replace")
         if self._prefix_text is None:
-            self._prefix_text = self._decode(self._window[self._prefix : self._read])
-        return self._prefix_text
+            self._prefix_text = self._decode(self._window[: self._read])
+        return self._prefix_text, self._decode(self._window)
 
     def final_text(self) -> str:
         """The request's generated text (TGI's ``GeneratedText.text``, see the class docstring)."""
@@ -253,8 +272,7 @@ class IncrementalDetokenizer:
             # one preceding token changed the decoding (e.g. a prompt ending inside a UTF-8
             # character, or a decoder that looks further back). Streamed text cannot be taken
             # back, so the final text becomes the stream plus the window's unread text.
-            prefix_text = self._prefix_window_text()
-            new_text = self._decode(self._window[self._prefix :])
+            prefix_text, new_text = self._window_texts()
             tail = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
             self._settled = (streamed + tail, tail)
         return self._settled

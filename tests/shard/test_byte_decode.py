@@ -99,6 +99,10 @@ def test_text_that_flows_is_not_decoded(tokenizer, monkeypatch):
     table = byte_level_decoder(tokenizer)
     calls = []
     monkeypatch.setattr(table, "decode", lambda ids: calls.append(ids) or ByteLevelDecoder.decode(table, ids))
+    window_texts = IncrementalDetokenizer._window_texts
+    monkeypatch.setattr(
+        IncrementalDetokenizer, "_window_texts", lambda self: calls.append(self._window) or window_texts(self)
+    )
     prompt = tokenizer.encode("The quick brown fox")
     generated = tokenizer.encode(" jumps over the lazy dog," * 4)
     detok = IncrementalDetokenizer(tokenizer, prompt)
@@ -110,3 +114,39 @@ def test_text_that_flows_is_not_decoded(tokenizer, monkeypatch):
     assert "" in pieces and calls  # held back, then decoded as a window
     pieces.append(detok.finish())
     assert "".join(pieces) == " 深度学习模型"
+
+
+def _pieces(tokenizer, prompt, generated, table: bool) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    if not table:  # the Rust decode of each window, as for any other tokenizer
+        detok._table, detok._valid_prefix = None, False
+    return [detok.step(t, False) for t in generated] + [detok.finish()]
+
+
+def test_table_streams_the_pieces_the_library_streams(tokenizer):
+    """Piece by piece (what is held back and when it comes out), the table's windows give what
+    the Rust decode of the same windows gives, over random tokens and bytes."""
+    rng = random.Random(2)
+    singles = byte_tokens(tokenizer)
+    vocab = len(tokenizer)
+    for n in range(300):
+        prompt = [rng.choice(singles) for _ in range(rng.randrange(1, 8))]
+        pool = singles if n % 2 else range(vocab)
+        generated = [rng.choice(pool) for _ in range(rng.randrange(1, 40))]
+        assert _pieces(tokenizer, prompt, generated, True) == _pieces(tokenizer, prompt, generated, False)
+
+
+def test_a_long_held_back_window_decodes_without_a_pass_over_its_ids(tokenizer, monkeypatch):
+    """Continuation bytes alone end the text in U+FFFD: the window is held back and grows, and
+    each step decodes its bytes, kept as they arrive, not its ids one by one."""
+    table = byte_level_decoder(tokenizer)
+    alphabet = {b: c for c, b in byte_level_alphabet().items()}
+    cont = tokenizer.convert_tokens_to_ids(alphabet[0x80])
+    monkeypatch.setattr(table, "decode", lambda ids: pytest.fail(f"decoded {len(ids)} ids"))
+    prompt = tokenizer.encode("ok")
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    assert [detok.step(cont, False) for _ in range(500)] == [""] * 500
+    ok = tokenizer.encode("!")[-1]
+    assert detok.step(ok, False) == "\ufffd" * 500 + "!"
+    assert len(detok._window) == 501 == detok._read  # the new prefix: TGI's offsets
+    assert detok.step(ok, False) == "!" and len(detok._window) == 1
