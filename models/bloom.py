@@ -96,7 +96,7 @@ class BloomMLP(nn.Module):
         super().__init__()
         kw = {"bias": True, "parallel": parallel, "dtype": dtype, "device": device, "quant": quant}
         self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.gelu = BloomGelu()
+        self.gelu = BloomGelu(inplace=True)  # over dense_h_to_4h's output, a temporary
         self.dense_4h_to_h = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def load(self, weights: Weights, prefix: str) -> None:
@@ -139,12 +139,13 @@ class BloomBlock(nn.Module):
     def forward(
         self, hidden: Tensor, kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata
     ) -> Tensor:  # [T, hidden]
+        # the residual adds go into the sublayers' fresh outputs (see BloomGelu's inplace)
         normed = self.input_layernorm(hidden)
         residual = normed if self.residual_after_norm else hidden
-        hidden = residual + self.self_attention(normed, kv_cache, meta)
+        hidden = self.self_attention(normed, kv_cache, meta).add_(residual)
         normed = self.post_attention_layernorm(hidden)
         residual = normed if self.residual_after_norm else hidden
-        return residual + self.mlp(normed)
+        return self.mlp(normed).add_(residual)
 
 
 class BloomForCausalLM(CausalLM):

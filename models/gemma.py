@@ -158,7 +158,7 @@ class GemmaDecoderLayer(nn.Module):
     ) -> Tensor:  # [T, hidden]
         attn = self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta)
         normed, hidden = self.post_attention_layernorm.add_forward(attn, hidden)
-        return hidden + self.mlp(normed)
+        return self.mlp(normed).add_(hidden)  # into the MLP's fresh output
 
 
 class GemmaForCausalLM(CausalLM):

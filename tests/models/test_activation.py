@@ -15,6 +15,18 @@ def test_bloom_gelu_matches_hf_float32():
     torch.testing.assert_close(BloomGelu()(x), HFBloomGelu().eval()(x), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bloom_gelu_in_place_is_the_same_function(dtype):
+    """``inplace=True`` writes the same values into its input and returns it; the default leaves
+    the input alone."""
+    x = (torch.randn(65, 512, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    before = x.clone()
+    expected = BloomGelu()(x)
+    assert torch.equal(x, before)
+    out = BloomGelu(inplace=True)(x)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_bloom_gelu_half_is_at_least_as_close_to_float32_as_hf(dtype):
     """In half precision HF rounds after each of its seven operations, the fused kernel once."""
