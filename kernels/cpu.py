@@ -193,7 +193,7 @@ def _run_scores(q: Tensor, key_cache: Tensor, p: DecodePlan) -> Tensor:
         rows = slice(i * kv_heads, (i + count) * kv_heads)
         torch.bmm(qf[rows], kt, out=scores[rows])
     scores = scores.view(n, kv_heads, group, bs)
-    last_k = key_cache.index_select(0, p.blocks.index_select(0, p.last))  # [B, KVH, bs, D]
+    last_k = key_cache.index_select(0, p.last_blocks)  # [B, KVH, bs, D]
     q_last = q.index_select(0, p.last).view(b * kv_heads, group, d)
     last = torch.bmm(q_last, last_k.view(b * kv_heads, bs, d).transpose(1, 2))
     # only the last blocks have key positions past the end
@@ -213,7 +213,7 @@ def _run_values(probs: Tensor, value_cache: Tensor, p: DecodePlan) -> Tensor:
         rows = slice(i * kv_heads, (i + count) * kv_heads)
         torch.bmm(pf[rows], v, out=partial[rows])
     partial = partial.view(n, kv_heads, group, d)
-    last_v = value_cache.index_select(0, p.blocks.index_select(0, p.last))
+    last_v = value_cache.index_select(0, p.last_blocks)
     last_v.masked_fill_(p.last_invalid, 0.0)
     p_last = probs.index_select(0, p.last).view(b * kv_heads, group, bs)
     last = torch.bmm(p_last, last_v.view(b * kv_heads, bs, d)).view(b, kv_heads, group, d)

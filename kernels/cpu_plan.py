@@ -34,6 +34,7 @@ class DecodePlan:
     seq_of: Tensor  # [N] int64 sequence of each block
     rel: Tensor  # [N, 1, 1, bs] float32 key position - query position (<= 0 where valid)
     last: Tensor  # [B] int64 index (into N) of each sequence's last block
+    last_blocks: Tensor  # [B] int64 cache block of each sequence's last block (blocks[last])
     last_invalid: Tensor  # [B, 1, bs, 1] bool, unwritten tail of that last block
     # Runs of consecutive cache blocks among the blocks before each sequence's last one, as
     # (first cache block, blocks, first index into N): read in place, without a gather. None when
@@ -54,6 +55,7 @@ class BlockLayout:
     key_pos: np.ndarray  # [N, bs] float32 position of each key slot
     last: Tensor  # [B] int64
     last_np: np.ndarray
+    last_blocks: Tensor  # [B] int64
     runs: list[tuple[int, int, int]] | None
 
     @staticmethod
@@ -68,6 +70,7 @@ class BlockLayout:
             table=block_tables, counts=counts, bs=bs,
             blocks=torch.from_numpy(blocks), seq_of=torch.from_numpy(seq_of), seq_of_np=seq_of,
             key_pos=key_pos.astype(np.float32), last=torch.from_numpy(last), last_np=last,
+            last_blocks=torch.from_numpy(blocks[last]),
             runs=block_runs(blocks, seq_of, last),
         )
 
@@ -154,6 +157,7 @@ def decode_plan(
         seq_of=layout.seq_of,
         rel=torch.from_numpy(rel).view(-1, 1, 1, bs),
         last=layout.last,
+        last_blocks=layout.last_blocks,
         last_invalid=torch.from_numpy(rel[layout.last_np] > 0).view(-1, 1, bs, 1),
         runs=layout.runs,
     )
