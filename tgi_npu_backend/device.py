@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from loguru import logger
 
+from . import host_malloc
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # torch_npu.npu.get_soc_version() ranges (vllm-ascend device/hardware.py).
@@ -58,7 +60,8 @@ class Platform:
         """Bind this process to its NPU before anything touches it (the HCCL group included).
 
         Where the model runs on the CPU (the CPU, or the NPU emulated on it), the calling thread,
-        the one that then runs every step, flushes denormal floats to zero."""
+        the one that then runs every step, flushes denormal floats to zero, and the process keeps
+        the memory it frees (``host_malloc.py``)."""
         if self.kind == "npu":
             torch.npu.set_device(self.index)  # type: ignore[attr-defined]
         elif self.kind == "cuda":
@@ -71,6 +74,7 @@ class Platform:
             # no logprob or token changes. MXCSR is per thread, and the OpenMP team a thread
             # starts on its first parallel op inherits it: this runs before the first one.
             torch.set_flush_denormal(True)
+            host_malloc.keep_freed_memory()  # before the model loads
 
     def available_memory(self) -> int:
         """Bytes the shard may still allocate."""

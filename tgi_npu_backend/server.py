@@ -165,10 +165,10 @@ async def serve_async(config: ServerConfig, generator: Generator, worker: Thread
 
 
 def serve(config: ServerConfig) -> None:
-    from .host_malloc import keep_freed_memory
+    from .host_malloc import one_arena
     from .load import build_generator
 
-    keep_freed_memory()  # before the generator thread exists (its arena: see host_malloc)
+    one_arena()  # before the generator thread exists (see host_malloc)
     worker = torch_thread()
     try:
         # the model is loaded before any socket exists, on the thread that will run it

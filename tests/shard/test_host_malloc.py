@@ -1,4 +1,4 @@
-"""``host_malloc.keep_freed_memory``: the large tensors of a forward pass, freed and allocated
+"""``host_malloc``'s two settings: the large tensors of a forward pass, freed and allocated
 again pass after pass on the generator thread, are memory the process kept, not pages faulted in
 anew (checked in a fresh interpreter: the settings are per process, and the arena one must come
 before other threads allocate). The figure is the page faults of the last 4 of 8 passes; every
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 PROBE = """
 import resource, sys, threading
-from tgi_npu_backend.host_malloc import keep_freed_memory
-taken = keep_freed_memory() if sys.argv[1] == "keep" else None
+from tgi_npu_backend.host_malloc import keep_freed_memory, one_arena
+taken = all([one_arena(), keep_freed_memory()]) if sys.argv[1] == "keep" else None
 import torch
 
 def mlp_passes(out):  # a layer's MLP over a prefill's rows, as on the generator thread
@@ -58,3 +58,18 @@ def test_without_the_settings_the_buffer_faults_in_again():
     if faults < 1000:
         pytest.skip(f"{faults} faults: transparent huge pages back malloc here")
     assert faults > 40_000
+
+
+def test_a_cpu_platform_keeps_freed_memory_from_set_device():
+    """``Platform.set_device`` applies ``keep_freed_memory`` where the model runs on the CPU (in a
+    fresh interpreter: it also turns on flush-to-zero for the calling thread)."""
+    probe = (
+        "from tgi_npu_backend import host_malloc\n"
+        "from tgi_npu_backend.device import CPU\n"
+        "calls = []\n"
+        "host_malloc.keep_freed_memory = lambda: calls.append(1) or True\n"
+        "CPU.set_device()\n"
+        "print(calls == [1])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True"], done.stdout + done.stderr
