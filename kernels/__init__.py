@@ -21,16 +21,17 @@ __all__ = [
 ]
 
 
-def get_backend(device: torch.device | str) -> AttentionBackend:
+def get_backend(device: torch.device | str, native: bool = True) -> AttentionBackend:
     """The attention backend for ``device``: cpu -> cpu (fast), cuda -> reference, npu -> torch_npu.
 
     A string is accepted because ``torch.device("npu")`` only parses once torch_npu is loaded.
+    ``native``: the CPU backend decodes with its native kernel where it builds (``cpu_native.py``).
     """
     kind = device.split(":")[0] if isinstance(device, str) else device.type
     if kind in ("cpu", "cuda"):
         from .cpu import CpuBackend
 
-        return CpuBackend() if kind == "cpu" else ReferenceBackend()
+        return CpuBackend(native=native) if kind == "cpu" else ReferenceBackend()
     if kind == "npu":
         from .npu import NpuBackend
 

@@ -5,11 +5,14 @@ store); what differs is how the work is laid out:
 
 * **KV layout** ``[num_blocks, kv_heads, block_size, head_dim]``: one block of one KV head is a
   contiguous ``[block_size, head_dim]`` matrix, so gathered blocks feed ``bmm`` as they are.
-* **Decode** gathers exactly the blocks each sequence holds (no padding to the longest sequence)
-  and runs one ``bmm`` over ``[blocks * kv_heads]`` for the scores and one for the values.
-  The softmax spans a sequence's blocks: the per-sequence max comes from a ``scatter_reduce``,
-  exponentials are summed per block and added per sequence with ``index_add`` (no permutes, no
-  Python loop over sequences).
+* **Decode**, float32 caches: the native kernel (``cpu_decode.c``, built and loaded by
+  ``cpu_native.py``) reads each sequence's blocks where they lie, one task per sequence and group
+  of KV heads. Other dtypes, or where it cannot be built (no C compiler), or with
+  ``native=False``: PyTorch ops over exactly the blocks each sequence holds (no padding to the
+  longest sequence), ``bmm`` over ``[blocks * kv_heads]`` for the scores and for the values, read
+  in place over runs of consecutive blocks. That softmax spans a sequence's blocks: the
+  per-sequence max comes from a ``scatter_reduce``, exponentials are summed per block and added
+  per sequence with ``index_add`` (no permutes, no Python loop over sequences).
 * **Prefill** pads the sequences of a pass into ``[b, q, heads, D]`` and runs
   ``scaled_dot_product_attention`` with the causal + ALiBi mask. Sequences are sorted by length
   and cut into a few groups whose padding stays under ``cpu_plan.PAD_RATIO`` (a loop over groups,
@@ -17,8 +20,9 @@ store); what differs is how the work is laid out:
 
 Scores, softmax and the weighted sum run in float32 for every cache dtype, as in the reference.
 The per-step index tensors depend only on the metadata: ``prepare`` builds them once per forward
-pass (``cpu_plan.py``; a decode pass's with numpy, on the host copies of the metadata), and every
-layer reads them from ``meta.plan``.
+pass (``cpu_plan.py``; a decode pass's with numpy, on the host copies of the metadata, and only
+when the PyTorch decode runs: the native kernel reads the block table itself), and every layer
+reads them from ``meta.plan``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_native
 from .base import AttentionMetadata, check_block_size, plan_of, with_plan
-from .cpu_plan import BlockLayout, CpuPlan, DecodePlan, PrefillGroup, build_plan
+from .cpu_plan import BlockLayout, CpuPlan, DecodePlan, PrefillGroup, build_plan, decode_plan
 from .reference import ReferenceBackend
 
 NEG_INF = float("-inf")
@@ -47,9 +52,11 @@ class CpuBackend(ReferenceBackend):
 
     name = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = True) -> None:
         super().__init__()
         self._layout: BlockLayout | None = None  # the last decode pass's (cpu_plan.decode_plan)
+        # the native decode kernel for float32 caches (None: PyTorch ops for every dtype)
+        self.native = cpu_native.decode_kernel() if native else None
 
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
@@ -60,9 +67,16 @@ class CpuBackend(ReferenceBackend):
     # ------------------------------------------------------------------ per-step plan
     def prepare(self, meta: AttentionMetadata) -> AttentionMetadata:
         """The pass's index plan (``cpu_plan.py``); a decode pass's block layout is kept for the
-        next one."""
-        plan, self._layout = build_plan(meta, self._layout)
+        next one. With the native kernel a decode pass's attention plan is left to ``decode``,
+        which builds it only for a cache the kernel does not take."""
+        plan, self._layout = build_plan(meta, self._layout, decode=self.native is None)
         return with_plan(meta, plan)
+
+    def _decode_plan(self, meta: AttentionMetadata) -> DecodePlan:
+        plan: CpuPlan = plan_of(meta, self.name)
+        if plan.attention is None:  # once per pass, shared by the layers
+            plan.attention, self._layout = decode_plan(meta, meta.block_size, self._layout)
+        return plan.attention
 
     # ------------------------------------------------------------------ the protocol
     def store_kv(
@@ -89,10 +103,14 @@ class CpuBackend(ReferenceBackend):
         scale: float,
         alibi_slopes: Tensor | None,
     ) -> Tensor:
+        if self.native is not None and key_cache.dtype == torch.float32:
+            out = self.native(query, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                              scale, alibi_slopes)
+            return out.to(query.dtype)
         b, heads, d = query.shape
         _, kv_heads, bs, _ = key_cache.shape
         group = heads // kv_heads
-        p: DecodePlan = plan_of(meta, self.name).attention
+        p = self._decode_plan(meta)
         if b == 1:
             return _decode_one(query, key_cache, value_cache, p, scale, alibi_slopes)
         n = p.blocks.shape[0]

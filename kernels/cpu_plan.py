@@ -77,7 +77,8 @@ class BlockLayout:
 
 @dataclass
 class CpuPlan:
-    attention: DecodePlan | list[PrefillGroup]
+    # a decode pass's DecodePlan (None until the PyTorch decode asks for it), or prefill groups
+    attention: DecodePlan | list[PrefillGroup] | None
     # Where ``store_kv`` writes, the same for every layer: the tokens with a slot (None: all, no
     # slot is -1) and each one's cache block and offset in it.
     keep: Tensor | None  # [T] bool
@@ -109,13 +110,15 @@ class PrefillGroup:
 
 
 def build_plan(
-    meta: AttentionMetadata, layout: BlockLayout | None
+    meta: AttentionMetadata, layout: BlockLayout | None, decode: bool = True
 ) -> tuple[CpuPlan, BlockLayout | None]:
-    """The pass's plan: decode blocks for a DECODE pass, padded groups otherwise; with the block
-    layout to keep for the next decode pass (``layout``, the last one, or a new one)."""
+    """The pass's plan: decode blocks for a DECODE pass (unless ``decode`` is False: then None,
+    for the backend to build if it needs them), padded groups otherwise; with the block layout to
+    keep for the next decode pass (``layout``, the last one, or a new one)."""
+    attention: DecodePlan | list[PrefillGroup] | None = None
     if meta.phase is Phase.DECODE:
-        attention: DecodePlan | list[PrefillGroup]
-        attention, layout = decode_plan(meta, meta.block_size, layout)
+        if decode:
+            attention, layout = decode_plan(meta, meta.block_size, layout)
     else:
         attention = prefill_plan(meta)
     slots = meta.slot_mapping.numpy()

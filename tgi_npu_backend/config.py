@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from . import launcher_env
 from tgi_npu_backend.models.layers.cpu_gemm import MODES as CPU_GEMM_MODES
+
+CPU_ATTENTION_MODES = ("auto", "torch")
 from tgi_npu_backend.models.layers.quant.detect import check_flag as check_quantize
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -115,6 +117,9 @@ class ServerConfig:
     max_batch_size: int | None = None  # MAX_BATCH_SIZE from the launcher: sizes the CPU KV pool
     # float32 CPU linears (TGI_NPU_CPU_GEMM): "auto" measures at load, "packed" / "plain" pin it
     cpu_gemm: str = "auto"
+    # CPU decode attention (TGI_NPU_CPU_ATTENTION): "auto" runs the native kernel where it
+    # builds (kernels/cpu_native.py), "torch" the PyTorch ops
+    cpu_attention: str = "auto"
 
     @property
     def socket_path(self) -> str:
@@ -210,6 +215,12 @@ class ServerConfig:
                 f"TGI_NPU_CPU_GEMM={cpu_gemm!r}: use one of {', '.join(CPU_GEMM_MODES)}"
             )
 
+        cpu_attention = env.get("TGI_NPU_CPU_ATTENTION") or "auto"
+        if cpu_attention not in CPU_ATTENTION_MODES:
+            raise ValueError(
+                f"TGI_NPU_CPU_ATTENTION={cpu_attention!r}: use one of {', '.join(CPU_ATTENTION_MODES)}"
+            )
+
         if dist_timeout is None:
             dist_timeout = _env_float(env, "TGI_NPU_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)
         if not dist_timeout > 0:
@@ -246,4 +257,5 @@ class ServerConfig:
             kv_cache_tokens=kv_cache_tokens,
             max_batch_size=max_batch_size,
             cpu_gemm=cpu_gemm,
+            cpu_attention=cpu_attention,
         )

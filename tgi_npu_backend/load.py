@@ -65,9 +65,10 @@ def check_tensor_parallel(cfg: ModelConfig, world_size: int) -> None:
     cfg.kv_heads_per_rank(world_size)  # KV heads: split evenly, or replicated (world % kv == 0)
 
 
-def backend_for(platform: devices.Platform) -> AttentionBackend:
+def backend_for(platform: devices.Platform, cpu_attention: str = "auto") -> AttentionBackend:
     """The attention backend for ``platform``; the emulated NPU reports fallbacks and mask sizes
-    to the emulation's counters."""
+    to the emulation's counters. ``cpu_attention``: the CPU backend's decode ("auto": the native
+    kernel where it builds, "torch": PyTorch ops)."""
     if platform.kind == "npu":
         from tgi_npu_backend.kernels.npu import NpuBackend
 
@@ -77,7 +78,7 @@ def backend_for(platform: devices.Platform) -> AttentionBackend:
 
             observer = state()
         return NpuBackend(observer=observer)
-    return get_backend(platform.device)
+    return get_backend(platform.device, native=cpu_attention == "auto")
 
 
 def build_generator(config: ServerConfig) -> Generator:
@@ -105,7 +106,7 @@ def build_generator(config: ServerConfig) -> Generator:
         timeout_s=config.dist_timeout_s,
         on_peer_lost=partial(abort_process, remove=[config.socket_path]),
     )
-    backend = backend_for(platform)
+    backend = backend_for(platform, config.cpu_attention)
     block_size = config.block_size
     if block_size is None:
         block_size = backend.block_size_for(model_config.head_dim)

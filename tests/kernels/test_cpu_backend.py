@@ -3,7 +3,8 @@
 Same scenarios and parameters as ``tests/kernels/test_kernels.py`` (whose ``Paged`` driver and dense
 oracle are reused): ragged prefill, cached prefixes, decode across block boundaries, ALiBi,
 MHA/GQA/MQA, three dtypes, NaN-poisoned caches; plus what is specific to this backend: prefill
-groups of padded sequences, and its own KV layout.
+groups of padded sequences, and its own KV layout. Every scenario runs both decodes: PyTorch ops
+and, for float32, the native kernel (its own cases: ``test_cpu_native.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from tgi_npu_backend.kernels import (
     get_backend,
 )
 from tgi_npu_backend.kernels.cpu import CpuBackend
+from tgi_npu_backend.kernels.cpu_native import decode_kernel
 from tgi_npu_backend.kernels.cpu_plan import prefill_plan
+
+NATIVE = decode_kernel() is not None  # tests/kernels/test_cpu_native.py: it builds where cc does
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,15 +42,18 @@ def check(passes, totals, block_size, kv_heads, dtype, alibi, seed=0, poison=Fal
     tol = tol or TOL[dtype]
     if slopes is None and alibi:
         slopes = bloom_slopes(HEADS)
-    fast = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=CpuBackend(), tables=tables)
+    # the decode's two implementations: PyTorch ops, and the native kernel (float32) where it builds
+    fast = [Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=backend, tables=tables)
+            for backend in (CpuBackend(native=False), *([CpuBackend()] if NATIVE else []))]
     ref = Paged(totals, block_size, kv_heads, dtype, seed, poison, backend=ReferenceBackend(),
                 tables=tables)
     for seqs, spans, is_prefill in passes:
-        out, expected = fast.run(seqs, spans, slopes, is_prefill)
         ref_out, _ = ref.run(seqs, spans, slopes, is_prefill)
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(out, expected, **tol)
-        torch.testing.assert_close(out, ref_out, **tol)
+        for paged in fast:
+            out, expected = paged.run(seqs, spans, slopes, is_prefill)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, expected, **tol)
+            torch.testing.assert_close(out, ref_out, **tol)
 
 
 @BLOCK_SIZES
@@ -137,7 +144,7 @@ RUN_TABLES = [[1, 2, 3, 4, 5], [23], [8, 9, 20], [12, 13, 14]]
 def _decode_runs(tables, lens, block_size=16):
     meta = Paged(lens, block_size, 1, torch.float32, tables=tables).meta(
         range(len(lens)), [(n - 1, n) for n in lens], False)
-    return CpuBackend().prepare(meta).plan.attention.runs
+    return CpuBackend(native=False).prepare(meta).plan.attention.runs
 
 
 def test_decode_plan_reads_runs_of_consecutive_blocks_in_place():
@@ -171,7 +178,7 @@ def test_decode_reuses_its_block_layout_only_while_it_holds(alibi):
     unwritten slot)."""
     prompts = [14, 20, 40]
     slopes = bloom_slopes(HEADS) if alibi else None
-    backend = CpuBackend()
+    backend = CpuBackend(native=False)  # the PyTorch decode's plan
     paged = Paged([n + 4 for n in prompts], 16, 2, torch.float32, seed=9, poison=True, backend=backend)
     seqs = range(len(prompts))
     paged.run(seqs, [(0, n) for n in prompts], slopes, True)

@@ -36,6 +36,9 @@ def test_config_reads_launcher_env_as_hints():
     assert ServerConfig.from_cli(model_id="m", env={}, logger_level="OFF").log_level is None
     assert ServerConfig.from_cli(model_id="m", env={}).cpu_gemm == "auto"
     assert ServerConfig.from_cli(model_id="m", env={"TGI_NPU_CPU_GEMM": "plain"}).cpu_gemm == "plain"
+    assert ServerConfig.from_cli(model_id="m", env={}).cpu_attention == "auto"
+    torch_ops = ServerConfig.from_cli(model_id="m", env={"TGI_NPU_CPU_ATTENTION": "torch"})
+    assert torch_ops.cpu_attention == "torch"
     env = dict(LAUNCHER_ENV, RANK="1", WORLD_SIZE="2")
     cfg = ServerConfig.from_cli(model_id="m", env=env, sharded=True)
     assert cfg.socket_path == "/tmp/text-generation-server-1"
@@ -56,6 +59,7 @@ def test_config_reads_launcher_env_as_hints():
         ({}, {"RANK": "0", "WORLD_SIZE": "2"}, "--sharded"),
         ({}, {"TGI_NPU_KV_CACHE_FRACTION": "2"}, "--kv-cache-fraction"),
         ({}, {"TGI_NPU_CPU_GEMM": "fast"}, "TGI_NPU_CPU_GEMM='fast': use one of auto, packed, plain"),
+        ({}, {"TGI_NPU_CPU_ATTENTION": "c"}, "TGI_NPU_CPU_ATTENTION='c': use one of auto, torch"),
     ],
 )
 def test_unsupported_values_name_the_flag(flags, env, needle):

@@ -1,0 +1,163 @@
+"""The CPU backend's native decode kernel (``cpu_decode.c``): built on first use with the
+system's C compiler, loaded with ctypes, and called by ``CpuBackend.decode`` for float32 caches.
+
+Why native: a decode step's attention reads each sequence's blocks once per layer, a few hundred
+KiB per sequence. As PyTorch ops that is one ``bmm`` per run of blocks plus a dozen
+batch-wide ops per layer, whose per-call cost, not the bytes, sets the time. Measured on the
+2-core machine this project benchmarks on (``benchmarks/bench_decode_attention.py``, BLOOM-560m
+shape, alternated): 32 sequences of 36-212 tokens, 24 layers, 57.5 against 148.6 ms; one
+sequence 2.3 against 6.5 ms; the shard's whole decode step 423 against 550 ms at batch 32 and
+118 against 132 ms at batch 1.
+
+The build: ``cc -O3 -march=native -fopenmp -shared``, cached under
+``$XDG_CACHE_HOME/tgi-npu-backend`` (else ``~/.cache``) by a hash of the source, the flags, the
+compiler and the CPU's flags, written atomically (shards of one host may race to build it).
+The kernel links to the OpenMP runtime torch already loaded (``libgomp.so.1``, found by its
+soname), so it shares torch's thread pool rather than starting a second one. Where there is no
+compiler, or the build fails, ``decode_kernel()`` returns None (logged once) and the backend
+keeps its PyTorch decode: same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from loguru import logger
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "tgi-npu-backend"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _torch_lib_flags() -> list[str]:
+    """Link against the OpenMP runtime shipped with torch when it ships one (its soname is the
+    system's, so the loader reuses the copy torch loaded)."""
+    lib = Path(torch.__file__).parent / "lib"
+    if (lib / "libgomp.so.1").exists():
+        return [f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    return []
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """The compiled library's path, compiling it first unless cached. Raises RuntimeError with
+    the compiler's output when it cannot be built."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    flags = [*FLAGS, *_torch_lib_flags()]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(flags).encode(), cc.encode(), _cpu_flags().encode(),
+                    platform.machine().encode()])
+    ).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    target = out_dir / f"cpu_decode-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cpu_decode-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        done = subprocess.run(  # noqa: PLW1510 (the return code is read below)
+            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+            capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a racing shard finds a whole file or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_ARGTYPES = [_P, _I, _I, _P, _P, _I, _P, _I, _P, _P, ctypes.c_float, _I, _I, _I, _I, _I, _P, ctypes.c_int]
+
+DecodeKernel = Callable[..., Tensor]
+
+
+def load(path: Path) -> DecodeKernel:
+    """The kernel in the library at ``path`` as ``kernel(query, key_cache, value_cache,
+    block_tables, seq_lens, scale, alibi_slopes) -> [B, heads, head_dim]`` float32."""
+    fn = ctypes.CDLL(str(path)).paged_decode_f32
+    fn.argtypes = _ARGTYPES
+    fn.restype = ctypes.c_int64
+
+    def decode(
+        query: Tensor, key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+        seq_lens: Tensor, scale: float, alibi_slopes: Tensor | None,
+    ) -> Tensor:
+        b, heads, d = query.shape
+        num_blocks, kv_heads, bs, _ = key_cache.shape
+        if query.dtype != torch.float32 or query.stride(2) != 1:
+            query = query.float().contiguous()
+        if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+            raise ValueError("the native decode kernel needs contiguous KV caches")
+        table = block_tables.to(torch.int32).contiguous()
+        lens = seq_lens.to(torch.int32).contiguous()
+        slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
+        out = torch.empty((b, heads, d), dtype=torch.float32)
+        rc = fn(
+            query.data_ptr(), query.stride(0), query.stride(1),
+            key_cache.data_ptr(), value_cache.data_ptr(), num_blocks,
+            table.data_ptr(), table.shape[1], lens.data_ptr(),
+            None if slopes is None else slopes.data_ptr(), scale,
+            b, heads, kv_heads, bs, d, out.data_ptr(), torch.get_num_threads(),
+        )
+        if rc == -1 - b:
+            raise MemoryError("the native decode kernel could not allocate its score buffers")
+        if rc < 0:
+            seq = -1 - rc
+            raise IndexError(
+                f"decode sequence {seq}: {int(lens[seq])} tokens do not fit its block table row "
+                f"{table[seq].tolist()} in a cache of {num_blocks} blocks of {bs}"
+            )
+        return out
+
+    return decode
+
+
+@functools.lru_cache(maxsize=1)
+def decode_kernel() -> DecodeKernel | None:
+    """The native kernel, built and loaded once per process; None (logged) when it cannot be."""
+    try:
+        kernel = load(build())
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+        logger.warning(f"CPU decode attention: PyTorch ops (the native kernel is unavailable: {err})")
+        return None
+    logger.info("CPU decode attention: native kernel (kernels/cpu_decode.c)")
+    return kernel
