@@ -72,14 +72,19 @@ class GemmProfile:
     pack: bool
     small: str = "onednn"
     large: str = "onednn"
+    one: str | None = None  # for a single row (a batch-1 decode step); None: ``small``
     measured: str = ""
 
     def kernel(self, rows: int) -> Kernel:
+        if rows == 1 and self.one is not None:
+            return KERNELS[self.one]
         return KERNELS[self.small if rows <= SMALL_ROWS else self.large]
 
     def describe(self) -> str:
         layout = "packed into oneDNN's layout" if self.pack else "plain"
-        how = f"decoder weights {layout}; plain weights run {self.small} up to {SMALL_ROWS} rows, {self.large} above"
+        one = f" ({self.one} for one row)" if self.one not in (None, self.small) else ""
+        how = (f"decoder weights {layout}; plain weights run {self.small}{one} up to {SMALL_ROWS} "
+               f"rows, {self.large} above")
         return how + (f" (measured: {self.measured})" if self.measured else "")
 
 
@@ -115,8 +120,9 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     """Time the kernels on random float32 weights shaped like ``[out_features, in_features]``
     (at most ``PROBE_MAX_OUT`` rows) at ``PROBE_ROWS`` rows, alternated ``repeats`` times (medians),
     and choose: for small passes the faster plain kernel over 1 and 32 rows (``swapped`` or
-    ``onednn``, geometric mean), for large ones the faster at 1,024 rows (``mkl`` or ``onednn``),
-    and packing when the packed weight beats the small-pass choice over 1 and 32 rows. Large
+    ``onednn``, geometric mean), for one row the fastest plain kernel at 1 row (``mkl``'s GEMV
+    was 3-5% ahead of ``swapped`` there on the AMX machines, behind it at 32 rows), for large ones
+    the faster at 1,024 rows (``mkl`` or ``onednn``), and packing when the packed weight beats the small-pass choice over 1 and 32 rows. Large
     passes do not decide the layout: they are compute-bound, and the layouts measured within ~10%
     of each other there on both machine kinds, against up to 60% at 32 rows. The few rows run over
     enough weights to leave the caches, as a model's step does. Once per shape and process; about
@@ -132,7 +138,7 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     packed = [pack(w) for w in plain]
     bias = torch.randn(n, generator=g)
     setups = {name: (run, plain) for name, run in KERNELS.items()} | {"packed": (onednn, packed)}
-    candidates = {1: ("swapped", "onednn", "packed"), 32: ("swapped", "onednn", "packed"),
+    candidates = {1: ("swapped", "onednn", "packed", "mkl"), 32: ("swapped", "onednn", "packed"),
                   1024: ("mkl", "onednn")}
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
@@ -153,9 +159,10 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
 
     small = min(("swapped", "onednn"), key=lambda k: geo(k, (1, 32)))
     large = min(("mkl", "onednn"), key=lambda k: t[k, 1024])
+    one = min(("swapped", "onednn", "mkl"), key=lambda k: t[k, 1])
     ratio = geo("packed", (1, 32)) / geo(small, (1, 32))
     measured = "; ".join(
         f"{r} rows " + " ".join(f"{k} {t[k, r] * 1e3:.3f}" for k in candidates[r]) + " ms"
         for r in PROBE_ROWS
     ) + f"; packed / {small} {ratio:.2f} on [{n}, {in_features}]"
-    return GemmProfile(pack=ratio < 1.0, small=small, large=large, measured=measured)
+    return GemmProfile(pack=ratio < 1.0, small=small, large=large, one=one, measured=measured)

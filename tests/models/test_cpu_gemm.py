@@ -48,13 +48,18 @@ def test_a_profile_runs_its_small_kernel_up_to_small_rows_and_its_large_one_abov
     calls.clear()
     linear(torch.randn(2, 4, dtype=torch.bfloat16), w.bfloat16(), None, PLAIN)  # float32 only
     assert calls == []
+    one_row = GemmProfile(pack=False, small="swapped", large="mkl", one="mkl")
+    for rows in (1, 2, SMALL_ROWS + 1):
+        linear(torch.randn(rows, 4), w, None, one_row)
+    assert calls == [("mkl", 1), ("swapped", 2), ("mkl", SMALL_ROWS + 1)]
+    assert "swapped (mkl for one row) up to" in one_row.describe()
 
 
 def test_calibration_measures_each_kernel_and_chooses_among_them():
     cpu_gemm.calibrate.cache_clear()
     profile = cpu_gemm.calibrate(96, 64, repeats=1)
     assert profile.small in ("swapped", "onednn") and profile.large in ("mkl", "onednn")
-    assert isinstance(profile.pack, bool)
+    assert profile.one in ("swapped", "onednn", "mkl") and isinstance(profile.pack, bool)
     for needle in ("1 rows swapped", "32 rows swapped", "onednn", "packed", "1024 rows mkl", "on [96, 64]"):
         assert needle in profile.measured
     assert cpu_gemm.calibrate(96, 64, repeats=1) is profile  # once per shape and process
