@@ -35,20 +35,19 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from tgi_npu_backend.user_cache import cache_home
+
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "tgi-npu-backend"
-
-
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C compiler's path: ``$CC``, else ``cc``, ``gcc`` or ``clang`` on PATH; None if none."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 
@@ -74,7 +73,7 @@ def _torch_lib_flags() -> list[str]:
 def build(out_dir: Path | None = None) -> Path:
     """The compiled library's path, compiling it first unless cached. Raises RuntimeError with
     the compiler's output when it cannot be built."""
-    cc = _compiler()
+    cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     flags = [*FLAGS, *_torch_lib_flags()]
@@ -83,7 +82,7 @@ def build(out_dir: Path | None = None) -> Path:
         b"\0".join([source, " ".join(flags).encode(), cc.encode(), _cpu_flags().encode(),
                     platform.machine().encode()])
     ).hexdigest()[:16]
-    out_dir = out_dir or cache_dir()
+    out_dir = out_dir or cache_home()
     target = out_dir / f"cpu_decode-{key}.so"
     if target.exists():
         return target

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .user_cache import cache_home
+
 CACHE_ENV = "TGI_NPU_DEMO_CACHE"
 STAMP = "demo-recipe.json"  # written last: a directory without it is incomplete
 
@@ -52,8 +54,7 @@ def read_corpus(files: list[Path] | None = None) -> list[str]:
 def cache_root() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tgi-npu-backend" / "demo"
+    return cache_home() / "demo"
 
 
 def recipe_key(recipe: Recipe, corpus: list[str]) -> str:

@@ -5,7 +5,6 @@ sees plus its own: strided queries, one and two threads, bad block tables, a fai
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from tgi_npu_backend.kernels import cpu_native
 from tgi_npu_backend.kernels.cpu import CpuBackend
 
-HAS_CC = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+HAS_CC = cpu_native.compiler() is not None
 needs_kernel = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the PyTorch decode runs")
 
 
@@ -107,7 +106,7 @@ def test_strided_query_and_steep_alibi(kernel):
 
 @needs_kernel
 def test_bad_block_table_is_an_error_not_a_crash(kernel):
-    q, kc, vc, table, sl, _, _ = _case([20, 5], 4, 4, 64, 16, seed=1, alibi=False)
+    q, kc, vc, table, sl, tables, _ = _case([20, 5], 4, 4, 64, 16, seed=1, alibi=False)
     bad = table.clone()
     bad[1, 0] = kc.shape[0]  # one past the pool
     with pytest.raises(IndexError, match="decode sequence 1"):
@@ -116,7 +115,6 @@ def test_bad_block_table_is_an_error_not_a_crash(kernel):
     too_long[0] = 16 * table.shape[1] + 1  # more tokens than its row has blocks
     with pytest.raises(IndexError, match="decode sequence 0"):
         kernel(q, kc, vc, table, too_long, 0.125, None)
-    _, _, _, _, _, tables, _ = _case([20, 5], 4, 4, 64, 16, seed=1, alibi=False)
     torch.testing.assert_close(kernel(q, kc, vc, table, sl, 0.125, None).double(),
                                _oracle(q, kc, vc, tables, sl, 0.125, None), atol=2e-6, rtol=1e-5)
 
@@ -151,7 +149,7 @@ def test_builds_once_into_the_cache(tmp_path):
 
 
 @needs_kernel
-def test_backend_uses_it_for_float32_caches_only(kernel, monkeypatch):
+def test_backend_uses_it_for_float32_caches_only(kernel):
     """``CpuBackend`` decodes a float32 cache with the kernel and a bfloat16 one with PyTorch ops
     (the kernel reads float32 only)."""
     assert CpuBackend().native is kernel and CpuBackend(native=False).native is None
