@@ -11,6 +11,8 @@ Kernels for rows ``x`` ``[T, in]`` and a plain weight ``W`` ``[out, in]``:
 * ``swapped``: ``(W @ x^T)^T``, i.e. ``F.linear(W, x)`` and one transposing copy that adds the
   bias. With a few rows, the weight becomes the GEMM's tall operand instead of its wide one.
 * ``packed``: oneDNN on the weight reordered at load (``packing.pack``).
+* ``swapped_chunks``: ``swapped`` over ``HEAD_CHUNK`` output rows at a time, each product
+  transposed into the output while it is in cache. For a tall weight: an LM head's vocabulary.
 """
 
 from __future__ import annotations
@@ -60,7 +62,31 @@ def swapped(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-KERNELS: dict[str, Kernel] = {"onednn": onednn, "mkl": mkl, "swapped": swapped}
+# NOTE: the whole swapped product of BLOOM-560m's head at 32 rows is [250880, 32], 32 MiB: its
+# transposing copy reads it with a 128-byte stride, from beyond L2, and took 13-20 ms (40 ms in a
+# slow spell). A chunk's [4096, 32] (512 KiB) transposes in L2. Chunks of 2k, 4k and 8k rows
+# measured alike (the head alone, alternated); 4k is in the middle.
+HEAD_CHUNK = 4096
+
+
+def swapped_chunks(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight^T (+ bias)`` as ``swapped`` over ``HEAD_CHUNK`` rows of ``weight`` at a time."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    out = torch.empty((rows.shape[0], n), dtype=torch.result_type(rows, weight), device=x.device)
+    for start in range(0, n, HEAD_CHUNK):
+        stop = min(start + HEAD_CHUNK, n)
+        part_t = F.linear(weight[start:stop], rows).t()  # [T, chunk], strided
+        if bias is None:
+            out[:, start:stop].copy_(part_t)
+        else:
+            torch.add(part_t, bias[start:stop], out=out[:, start:stop])
+    return out.view(*x.shape[:-1], n)
+
+
+KERNELS: dict[str, Kernel] = {
+    "onednn": onednn, "mkl": mkl, "swapped": swapped, "swapped_chunks": swapped_chunks,
+}
 SMALL_ROWS = 48  # up to this many rows a pass is "small" (a decode step), above "large" (a prefill)
 
 
@@ -73,6 +99,8 @@ class GemmProfile:
     small: str = "onednn"
     large: str = "onednn"
     one: str | None = None  # for a single row (a batch-1 decode step); None: ``small``
+    # for the LM head's plain float32 table at 2 .. SMALL_ROWS rows (``head_profile``)
+    head: str = "onednn"
     measured: str = ""
 
     def kernel(self, rows: int) -> Kernel:
@@ -80,11 +108,16 @@ class GemmProfile:
             return KERNELS[self.one]
         return KERNELS[self.small if rows <= SMALL_ROWS else self.large]
 
+    def head_profile(self) -> GemmProfile:
+        """The LM head's kernels: ``head`` for a decode step's rows, oneDNN for one row and for
+        more than ``SMALL_ROWS`` (a prefill's prompt logprobs)."""
+        return GemmProfile(pack=False, small=self.head, large="onednn", one="onednn")
+
     def describe(self) -> str:
         layout = "packed into oneDNN's layout" if self.pack else "plain"
         one = f" ({self.one} for one row)" if self.one not in (None, self.small) else ""
         how = (f"decoder weights {layout}; plain weights run {self.small}{one} up to {SMALL_ROWS} "
-               f"rows, {self.large} above")
+               f"rows, {self.large} above; the LM head {self.head} from 2 to {SMALL_ROWS} rows")
         return how + (f" (measured: {self.measured})" if self.measured else "")
 
 
@@ -96,11 +129,14 @@ class GemmProfile:
 # swapped 6.53 / packed 7.28 / onednn 8.23 / mkl 9.28 ms. In the model there (32 requests,
 # alternated in one process): a 3,328-token prefill 16.4 s plain with MKL, 17.5 s plain with
 # oneDNN, 18.5 s packed; a batch-32 decode step 556 ms plain (swapped) against 559 ms packed.
-# The LM head (250,880 x 1,024, tied to the embedding) stays on oneDNN whatever the profile: the
-# swapped kernel's transposing copy of the [32, 250,880] logits took 13-20 ms, and a decode step
-# with a swapped head measured 577 against 559 ms. Hence a measurement per machine, not a rule.
+# The LM head (250,880 x 1,024, tied to the embedding): the swapped kernel's transposing copy of
+# the whole [32, 250,880] logits took 13-20 ms, and a decode step with a swapped head measured 577
+# against 559 ms with oneDNN's. In chunks (``swapped_chunks``), on the AMX kind, batch-32 decode
+# steps alternated in one process: 427 against 445 ms and 396 against 415 ms (p50s; faster in 18
+# of 28 pairs). Hence a measurement per machine, not a rule (``calibrate_head``).
 PACKED = GemmProfile(pack=True)  # what a small model, or TGI_NPU_CPU_GEMM=packed, gets
-PLAIN = GemmProfile(pack=False, small="swapped", large="mkl")  # TGI_NPU_CPU_GEMM=plain
+# TGI_NPU_CPU_GEMM=plain
+PLAIN = GemmProfile(pack=False, small="swapped", large="mkl", head="swapped_chunks")
 MODES = ("auto", "packed", "plain")
 
 PROBE_ROWS = (1, 32, 1024)  # a batch-1 decode step, a batch-32 one, a prefill's worth of rows
@@ -108,7 +144,7 @@ PROBE_MAX_OUT = 4096  # probe weights keep at most this many output rows of the 
 COLD_BYTES = 128 * 2**20  # probe weights cycled through per timing: more than a large L3
 
 
-def _seconds_per_call(run: Kernel, x: Tensor, weights: list[Tensor], bias: Tensor) -> float:
+def _seconds_per_call(run: Kernel, x: Tensor, weights: list[Tensor], bias: Tensor | None) -> float:
     start = time.perf_counter()
     for w in weights:
         run(x, w, bias)
@@ -166,3 +202,26 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
         for r in PROBE_ROWS
     ) + f"; packed / {small} {ratio:.2f} on [{n}, {in_features}]"
     return GemmProfile(pack=ratio < 1.0, small=small, large=large, one=one, measured=measured)
+
+
+HEAD_PROBE_ROWS = 32  # the head is timed at a batch-32 decode step's rows
+
+
+def calibrate_head(table: Tensor, repeats: int = 3) -> tuple[str, str]:
+    """The faster head kernel at ``HEAD_PROBE_ROWS`` rows, ``onednn`` or ``swapped_chunks``,
+    timed on the LM head's own float32 table (no copy of it; too large to stay in cache),
+    alternated ``repeats`` times (medians), with what was measured. About 1 s for BLOOM-560m's
+    250,880 x 1,024 table on 2 cores."""
+    x = torch.randn(HEAD_PROBE_ROWS, table.shape[1], generator=torch.Generator().manual_seed(0))
+    names = ("onednn", "swapped_chunks")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:  # untimed first calls: oneDNN builds its primitive
+            KERNELS[name](x, table, None)
+        for _ in range(repeats):
+            for name in names:
+                times[name].append(_seconds_per_call(KERNELS[name], x, [table], None))
+    t = {name: statistics.median(v) for name, v in times.items()}
+    measured = (f"LM head [{table.shape[0]}, {table.shape[1]}] at {HEAD_PROBE_ROWS} rows "
+                + " ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items()) + " ms")
+    return min(names, key=t.__getitem__), measured

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tgi_npu_backend.distributed import ParallelContext
+from tgi_npu_backend.models.layers.cpu_gemm import PACKED, GemmProfile
 from tgi_npu_backend.models.layers.linear import linear
 from tgi_npu_backend.weights import Weights
 
@@ -54,7 +55,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """``[N, hidden] -> [N, vocab]`` float32 logits, the full vocabulary on every rank.
 
-    ``tied`` reuses an embedding's table (no own parameter, nothing to load).
+    ``tied`` reuses an embedding's table (no own parameter, nothing to load). ``gemm``: how a
+    plain float32 table runs on the CPU (``GemmProfile.head_profile``; ``packing`` sets it).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class ParallelLMHead(nn.Module):
         # a oneDNN-packed copy of the tied table, made by ``packing.pack_cpu_weights`` (CPU,
         # bfloat16); a buffer, so that the weights' bytes count it
         self.register_buffer("packed", None, persistent=False)
+        self.gemm: GemmProfile = PACKED.head_profile()
         if tied is None:
             local = parallel.split(num_embeddings, "vocab_size")
             self.weight = nn.Parameter(
@@ -92,5 +95,5 @@ class ParallelLMHead(nn.Module):
         else:
             weight = self.tied.weight if self.tied is not None else self.weight
         # NOTE: matmul in the model dtype and upcast after, as HF does (logits.float()).
-        logits = linear(hidden, weight).float()  # [N, V_local]
+        logits = linear(hidden, weight, None, self.gemm).float()  # [N, V_local]
         return self.parallel.all_gather_last_dim(logits)

@@ -7,16 +7,19 @@ does with ``mkldnn._reorder_linear_weight``); ``linear.linear`` takes them as th
   float decoder linear gets that profile's kernels for its plain float32 weight.
 * The LM head is packed only in bfloat16: in place when untied; when tied to the embedding, which
   needs the plain rows, as a second, packed copy of the table (its bytes are reported, logged and
-  counted in the weights the KV pool is sized after).
+  counted in the weights the KV pool is sized after). A float32 head stays plain and runs with
+  the profile's head kernels (``GemmProfile.head_profile``; ``auto`` times them on the table).
 * Quantized layers (int8 kernels) and NPU weights are left alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
-from .cpu_gemm import MODES, PACKED, PLAIN, GemmProfile, calibrate
+from .cpu_gemm import MODES, PACKED, PLAIN, GemmProfile, calibrate, calibrate_head
 from .embedding import ParallelLMHead
 from .linear import BF16_ONEDNN, ONEDNN_LINEAR, MergedColumnParallelLinear, RowParallelLinear
 
@@ -79,7 +82,23 @@ def gemm_profile(model: nn.Module, mode: str = "auto") -> GemmProfile:
     if sum(w.numel() * 4 for w in weights) < AUTO_MIN_BYTES:
         return PACKED
     largest = max(weights, key=lambda w: w.numel())
-    return calibrate(*largest.shape)
+    profile = calibrate(*largest.shape)
+    table = _float32_cpu_head(model)
+    if table is None:
+        return profile
+    head, measured = calibrate_head(table)
+    return dataclasses.replace(
+        profile, head=head, measured="; ".join(m for m in (profile.measured, measured) if m)
+    )
+
+
+def _float32_cpu_head(model: nn.Module) -> Tensor | None:
+    """The LM head's table where it runs plain in float32 on the CPU (not packed, not quantized)."""
+    for m in model.modules():
+        if isinstance(m, ParallelLMHead) and m.packed is None:
+            table = m.tied.weight if m.tied is not None else m.weight
+            return table if table.dtype == torch.float32 and packable(table) else None
+    return None
 
 
 def pack_cpu_weights(model: nn.Module, gemm: GemmProfile = PACKED) -> tuple[int, int]:
@@ -95,7 +114,8 @@ def pack_cpu_weights(model: nn.Module, gemm: GemmProfile = PACKED) -> tuple[int,
             if m.method is None and wanted and packable(w):
                 m.weight = nn.Parameter(pack(w.data), requires_grad=False)
                 packed += 1
-        elif isinstance(m, ParallelLMHead):  # keeps oneDNN: see cpu_gemm's NOTE
+        elif isinstance(m, ParallelLMHead):  # see cpu_gemm's NOTE on the head
+            m.gemm = gemm.head_profile()
             table = m.tied.weight if m.tied is not None else m.weight
             if m.packed is not None or table.dtype != torch.bfloat16 or not packable(table):
                 continue

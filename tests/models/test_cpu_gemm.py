@@ -70,3 +70,38 @@ def test_the_default_profile_is_todays_packed_onednn_path():
     assert PACKED == GemmProfile(pack=True, small="onednn", large="onednn")
     assert not PLAIN.pack and PLAIN.kernel(1) is KERNELS["swapped"] and PLAIN.kernel(500) is KERNELS["mkl"]
     assert "plain" in PLAIN.describe() and "packed into oneDNN" in PACKED.describe()
+
+
+def test_the_head_profile_runs_its_head_kernel_for_a_decode_steps_rows_and_onednn_otherwise(monkeypatch):
+    calls = []
+    for name in ("swapped_chunks", "onednn"):
+        monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: calls.append((n, x.shape[0])) or F.linear(x, w, b))
+    head = PLAIN.head_profile()
+    w = torch.randn(8, 4)
+    for rows in (1, 2, SMALL_ROWS, SMALL_ROWS + 1):
+        linear(torch.randn(rows, 4), w, None, head)
+    assert calls == [("onednn", 1), ("swapped_chunks", 2), ("swapped_chunks", SMALL_ROWS),
+                     ("onednn", SMALL_ROWS + 1)]
+    assert PACKED.head_profile().kernel(32) is KERNELS["onednn"]
+    assert "the LM head swapped_chunks from 2" in PLAIN.describe()
+
+
+def test_swapped_chunks_spans_chunk_boundaries(monkeypatch):
+    """Vocabularies that are and are not a multiple of the chunk, and one shorter than a chunk."""
+    monkeypatch.setattr(cpu_gemm, "HEAD_CHUNK", 16)
+    x = torch.randn(5, 12)
+    for n in (16, 48, 50, 7):
+        w, b = torch.randn(n, 12), torch.randn(n)
+        torch.testing.assert_close(cpu_gemm.swapped_chunks(x, w, b), F.linear(x, w, b), **TOL)
+        torch.testing.assert_close(cpu_gemm.swapped_chunks(x, w), F.linear(x, w), **TOL)
+
+
+def test_head_calibration_times_both_head_kernels_on_the_table_itself(monkeypatch):
+    seen = []
+    for name in ("swapped_chunks", "onednn"):
+        monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: seen.append((n, w)) or F.linear(x, w, b))
+    table = torch.randn(300, 64)
+    choice, measured = cpu_gemm.calibrate_head(table, repeats=2)
+    assert choice in ("onednn", "swapped_chunks")
+    assert {n for n, _ in seen} == {"onednn", "swapped_chunks"} and all(w is table for _, w in seen)
+    assert measured.startswith("LM head [300, 64] at 32 rows onednn ") and "swapped_chunks" in measured

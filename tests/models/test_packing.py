@@ -3,6 +3,8 @@ that a packed model computes what the plain one does."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,8 @@ def test_a_model_loaded_plain_runs_the_plain_kernels_and_computes_the_same_logit
                        cpu_gemm="plain")
     linears = [m for m in model.modules() if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear))]
     assert linears and all(not m.weight.is_mkldnn and m.gemm is PLAIN for m in linears)
+    # the head's logits at 8 rows come from swapped_chunks (cpu_gemm's HEAD_CHUNK, in chunks)
+    assert model.lm_head.gemm == PLAIN.head_profile() and model.lm_head.gemm.kernel(8).__name__ == "swapped_chunks"
     for ids in ([5, 17, 3, 99, 42, 7, 64, 12], [9]):  # a large pass and a one-row one
         ours, ref = prompt_logits(model, ids), prompt_logits(packed, ids)
         err = float((ours - ref).abs().max()) / float(ref.abs().max())
@@ -100,15 +104,20 @@ def test_auto_keeps_a_small_model_packed_and_measures_a_large_one(bloom_dir, mon
     assert gemm_profile(plain_model, "packed") is PACKED
     assert gemm_profile(plain_model, "plain") is PLAIN
     assert gemm_profile(model, "auto") is PACKED  # packed already: no float32 plain weights left
-    shapes = []
+    shapes, tables = [], []
     monkeypatch.setattr("tgi_npu_backend.models.layers.packing.AUTO_MIN_BYTES", 0)
     monkeypatch.setattr("tgi_npu_backend.models.layers.packing.calibrate",
                         lambda *shape: shapes.append(shape) or PLAIN)
-    assert gemm_profile(plain_model, "auto") is PLAIN
+    monkeypatch.setattr("tgi_npu_backend.models.layers.packing.calibrate_head",
+                        lambda table: tables.append(table) or ("onednn", "LM head timed"))
+    profile = gemm_profile(plain_model, "auto")
+    assert profile == dataclasses.replace(PLAIN, head="onednn", measured="LM head timed")
     linears = (MergedColumnParallelLinear, RowParallelLinear)
     largest = max((m.weight for m in plain_model.modules() if isinstance(m, linears)),
                   key=lambda w: w.numel())
     assert shapes == [tuple(largest.shape)]
+    # the head is timed on its own (tied) table, not on a copy
+    assert len(tables) == 1 and tables[0] is plain_model.lm_head.tied.weight
     with pytest.raises(ValueError, match="use one of auto, packed, plain"):
         gemm_profile(plain_model, "fastest")
 
