@@ -387,7 +387,7 @@ def main() -> None:
             after = gemv_bandwidth(BLOOM_560M["hidden_size"])
             theirs = hf_timed(ids[:1], args.batch1_new_tokens)
             bound = weight_bytes / max(before, after)
-            rounds.append({"bws": (before, after), "bound": bound, "mine": mine, "theirs": theirs,
+            rounds.append({"bws": (before, after), "mine": mine, "theirs": theirs,
                            "fraction": bound / mine["itl_p50"]})
             print(f"[batch-1 round {r + 1}] shard ITL p50 {ms(mine['itl_p50'])} (forward "
                   f"{ms(mine['decode_forward_p50'])}), HF KV-cache loop ITL p50 "

@@ -50,16 +50,25 @@ def mkl(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def _swapped(x: Tensor, weight: Tensor, bias: Tensor | None, chunk: int | None) -> Tensor:
+    """``x @ weight^T (+ bias)`` as ``(weight @ x^T)^T``, over ``chunk`` rows of ``weight`` at a
+    time (None: all at once), each product transposed into its columns of the output."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = weight.shape[0]
+    out = torch.empty((rows.shape[0], n), dtype=torch.result_type(rows, weight), device=x.device)
+    for start in range(0, n, chunk or max(n, 1)):
+        stop = n if chunk is None else min(start + chunk, n)
+        part_t = F.linear(weight[start:stop], rows).t()  # [T, stop - start], strided
+        if bias is None:
+            out[:, start:stop].copy_(part_t)
+        else:
+            torch.add(part_t, bias[start:stop], out=out[:, start:stop])
+    return out.view(*x.shape[:-1], n)
+
+
 def swapped(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight^T (+ bias)`` computed as ``(weight @ x^T)^T``."""
-    rows = x.reshape(-1, x.shape[-1])
-    out_t = F.linear(weight, rows)  # [out, T]
-    out = torch.empty((rows.shape[0], weight.shape[0]), dtype=out_t.dtype, device=out_t.device)
-    if bias is None:
-        out.copy_(out_t.t())
-    else:
-        torch.add(out_t.t(), bias, out=out)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return _swapped(x, weight, bias, None)
 
 
 # NOTE: the whole swapped product of BLOOM-560m's head at 32 rows is [250880, 32], 32 MiB: its
@@ -71,17 +80,7 @@ HEAD_CHUNK = 4096
 
 def swapped_chunks(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight^T (+ bias)`` as ``swapped`` over ``HEAD_CHUNK`` rows of ``weight`` at a time."""
-    rows = x.reshape(-1, x.shape[-1])
-    n = weight.shape[0]
-    out = torch.empty((rows.shape[0], n), dtype=torch.result_type(rows, weight), device=x.device)
-    for start in range(0, n, HEAD_CHUNK):
-        stop = min(start + HEAD_CHUNK, n)
-        part_t = F.linear(weight[start:stop], rows).t()  # [T, chunk], strided
-        if bias is None:
-            out[:, start:stop].copy_(part_t)
-        else:
-            torch.add(part_t, bias[start:stop], out=out[:, start:stop])
-    return out.view(*x.shape[:-1], n)
+    return _swapped(x, weight, bias, HEAD_CHUNK)
 
 
 KERNELS: dict[str, Kernel] = {

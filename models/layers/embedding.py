@@ -89,11 +89,13 @@ class ParallelLMHead(nn.Module):
         shape = (self.num_embeddings, self.embedding_dim)
         self.weight.data.copy_(weights.get_sharded(f"{prefix}.weight", 0, shape))
 
+    @property
+    def table(self) -> Tensor:
+        """The plain ``[V_local, hidden]`` table: the tied embedding's, else this head's own."""
+        return self.tied.weight if self.tied is not None else self.weight
+
     def forward(self, hidden: Tensor) -> Tensor:  # [N, hidden] -> [N, vocab] float32
-        if self.packed is not None:
-            weight = self.packed
-        else:
-            weight = self.tied.weight if self.tied is not None else self.weight
+        weight = self.packed if self.packed is not None else self.table
         # NOTE: matmul in the model dtype and upcast after, as HF does (logits.float()).
         logits = linear(hidden, weight, None, self.gemm).float()  # [N, V_local]
         return self.parallel.all_gather_last_dim(logits)

@@ -96,7 +96,7 @@ def _float32_cpu_head(model: nn.Module) -> Tensor | None:
     """The LM head's table where it runs plain in float32 on the CPU (not packed, not quantized)."""
     for m in model.modules():
         if isinstance(m, ParallelLMHead) and m.packed is None:
-            table = m.tied.weight if m.tied is not None else m.weight
+            table = m.table
             return table if table.dtype == torch.float32 and packable(table) else None
     return None
 
@@ -116,7 +116,7 @@ def pack_cpu_weights(model: nn.Module, gemm: GemmProfile = PACKED) -> tuple[int,
                 packed += 1
         elif isinstance(m, ParallelLMHead):  # see cpu_gemm's NOTE on the head
             m.gemm = gemm.head_profile()
-            table = m.tied.weight if m.tied is not None else m.weight
+            table = m.table
             if m.packed is not None or table.dtype != torch.bfloat16 or not packable(table):
                 continue
             if m.tied is None:
