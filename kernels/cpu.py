@@ -15,7 +15,7 @@ store); what differs is how the work is laid out:
   per sequence with ``index_add`` (no permutes, no Python loop over sequences).
 * **Prefill** pads the sequences of a pass into ``[b, q, heads, D]`` and runs
   ``scaled_dot_product_attention`` with the causal + ALiBi mask. Sequences are sorted by length
-  and cut into a few groups whose padding stays under ``cpu_plan.PAD_RATIO`` (a loop over groups,
+  and cut into groups whose padding stays under ``cpu_plan.PAD_RATIO`` (a loop over groups,
   not over sequences); a group without cached prefixes shares one ``[1, heads, q, q]`` mask.
 
 Scores, softmax and the weighted sum run in float32 for every cache dtype, as in the reference.

@@ -136,6 +136,26 @@ def test_prefill_groups_of_skewed_lengths(kv_heads, alibi):
     check(passes, [n + 1 for n in lens], 16, kv_heads, torch.float32, alibi, seed=4)
 
 
+@pytest.mark.parametrize("ratio", [1.0, 1.1, 1.5, 4.0])
+@ALIBI
+def test_prefill_at_any_padding_ratio(monkeypatch, ratio, alibi):
+    """Whatever ``PAD_RATIO`` allows, from one group per length to one padded group for all: the
+    same outputs (padding rows repeat a sequence's first token; their keys must stay masked)."""
+    from tgi_npu_backend.kernels import cpu_plan
+
+    monkeypatch.setattr(cpu_plan, "PAD_RATIO", ratio)
+    lens = [16, 1, 13, 14, 20, 1]
+    groups = prefill_plan(Paged(lens, 16, 2, torch.float32).meta(
+        range(len(lens)), [(0, n) for n in lens], True))
+    # 1.0: 20 | 16 | 14 | 13 | 1,1;  1.1: 20 | 16,14 | 13 | 1,1;  1.5: 20,16,14,13 | 1,1;  4.0: one
+    expected = {1.0: 5, 1.1: 4, 1.5: 2, 4.0: 1}[ratio]
+    assert len(groups) == expected
+    assert sorted(t for g in groups for t in g.tokens.tolist()) == list(range(sum(lens)))
+    seqs = range(len(lens))
+    passes = [(seqs, [(0, n) for n in lens], True), (seqs, [(n, n + 1) for n in lens], False)]
+    check(passes, [n + 1 for n in lens], 16, 2, torch.float32, alibi, seed=6)
+
+
 # Block tables for sequences of 70, 5, 40 and 33 tokens (block size 16, + 2 decode steps): the
 # first two runs of consecutive blocks, one broken in the middle, one sequence with a single block.
 RUN_TABLES = [[1, 2, 3, 4, 5], [23], [8, 9, 20], [12, 13, 14]]
