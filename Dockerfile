@@ -54,7 +54,7 @@ RUN python3 /tmp/deps/pyproject_deps.py /tmp/deps/pyproject.toml > /tmp/deps/req
 COPY pyproject.toml README.md /opt/tgi-npu-backend/
 COPY tgi_npu_backend /opt/tgi-npu-backend/tgi_npu_backend
 COPY models /opt/tgi-npu-backend/models
-COPY kernels /opt/tgi-npu-backend/kernels
+COPY device_kernels /opt/tgi-npu-backend/device_kernels
 COPY launcher /opt/tgi-npu-backend/launcher
 COPY npu_emulation /opt/tgi-npu-backend/npu_emulation
 RUN pip install --find-links /tmp/wheels --no-deps /opt/tgi-npu-backend \
@@ -160,7 +160,7 @@ RUN text-generation-launcher --help > /dev/null && text-generation-router --help
 COPY pyproject.toml README.md /opt/tgi-npu-backend/
 COPY tgi_npu_backend /opt/tgi-npu-backend/tgi_npu_backend
 COPY models /opt/tgi-npu-backend/models
-COPY kernels /opt/tgi-npu-backend/kernels
+COPY device_kernels /opt/tgi-npu-backend/device_kernels
 COPY launcher /opt/tgi-npu-backend/launcher
 COPY npu_emulation /opt/tgi-npu-backend/npu_emulation
 # TORCH_DEVICE_BACKEND_AUTOLOAD=0: no NPU driver at build time, so torch_npu must not load here.

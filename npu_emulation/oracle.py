@@ -1,6 +1,6 @@
 """Dense float64 reference math for the emulated operators.
 
-Written independently of ``kernels/reference.py`` (which is the thing under test on CPU): each
+Written independently of ``device_kernels/reference.py`` (which is the thing under test on CPU): each
 function is the textbook formula on explicit per-head tensors, in float64, with no paging, no
 grouping trick and no fast path.
 """

@@ -113,7 +113,7 @@ OPERATORS: dict[str, OpSchema] = {
              "Tensor? rotate=None) -> Tensor",),
             NPU_SO, "whole string",
         ),
-        # int8 linears (models/layers/quant, kernels/npu_quant.py): aclnn ops, stored whole
+        # int8 linears (models/layers/quant, device_kernels/npu_quant.py): aclnn ops, stored whole
         OpSchema(
             "npu_quantize", "npu", "torch_npu",
             ("npu_quantize(Tensor input, Tensor scales, Tensor? zero_points, int dtype, "

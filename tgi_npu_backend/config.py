@@ -118,7 +118,7 @@ class ServerConfig:
     # float32 CPU linears (TGI_NPU_CPU_GEMM): "auto" measures at load, "packed" / "plain" pin it
     cpu_gemm: str = "auto"
     # CPU decode attention (TGI_NPU_CPU_ATTENTION): "auto" runs the native kernel where it
-    # builds (kernels/cpu_native.py), "torch" the PyTorch ops
+    # builds (device_kernels/cpu_native.py), "torch" the PyTorch ops
     cpu_attention: str = "auto"
 
     @property

@@ -1,5 +1,5 @@
 """Where this project keeps what it builds for the user between runs: the demo's checkpoints
-(``demo_training.py``) and the CPU decode kernel (``kernels/cpu_native.py``), under
+(``demo_training.py``) and the CPU decode kernel (``device_kernels/cpu_native.py``), under
 ``$XDG_CACHE_HOME/tgi-npu-backend``, else ``~/.cache/tgi-npu-backend`` (the XDG base-directory
 convention)."""
 

@@ -231,7 +231,7 @@ def test_decode_reuses_its_block_layout_only_while_it_holds(alibi):
 @pytest.mark.parametrize("batch", [1, 3], ids=["one", "batched"])
 def test_decode_with_far_keys_scored_below_exp_underflow(tables, batch):
     """Steep ALiBi slopes put the far keys' scores more than 87 below the maximum, where the
-    decode softmax clamps before ``exp`` (kernels/cpu.py, EXP_FLOOR): still the oracle's output,
+    decode softmax clamps before ``exp`` (device_kernels/cpu.py, EXP_FLOOR): still the oracle's output,
     with NaN in every unwritten slot."""
     prompts = [150, 40, 101][:batch]
     table_of = {"runs": [list(range(1, 11)), list(range(11, 14)), list(range(14, 21))][:batch]}

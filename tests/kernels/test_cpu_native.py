@@ -1,4 +1,4 @@
-"""The CPU backend's native decode kernel (``kernels/cpu_decode.c``) against a float64 dense
+"""The CPU backend's native decode kernel (``device_kernels/cpu_decode.c``) against a float64 dense
 oracle, at the head sizes it unrolls (64, 128, 256) and others, with the cases the PyTorch decode
 sees plus its own: strided queries, one and two threads, bad block tables, a failed build."""
 

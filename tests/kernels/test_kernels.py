@@ -267,7 +267,7 @@ def test_kv_cache_shape_and_allocation():
 def test_get_backend():
     backend = get_backend(torch.device("cpu"))
     assert isinstance(backend, ReferenceBackend) and isinstance(backend, AttentionBackend)
-    assert backend.name == "cpu"  # kernels/cpu.py, a ReferenceBackend with fast attention
+    assert backend.name == "cpu"  # device_kernels/cpu.py, a ReferenceBackend with fast attention
     assert get_backend("npu:0").name == "npu"  # constructing it does not import torch_npu
     with pytest.raises(ValueError, match="no attention backend"):
         get_backend(torch.device("meta"))

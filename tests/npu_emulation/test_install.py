@@ -54,7 +54,7 @@ def test_install_puts_torch_npu_and_torch_npu_in_place_and_uninstall_removes_the
 
         assert is_installed() and sys.modules["torch_npu"] is torch_npu
         assert sys.modules["torch_npu.atb"] is torch_npu.atb and torch.npu is torch_npu.npu
-        assert importlib.util.find_spec("torch_npu") is not None  # kernels/npu_platform.py npu_available()
+        assert importlib.util.find_spec("torch_npu") is not None  # device_kernels/npu_platform.py npu_available()
         assert torch_npu.__version__ == "2.13.0"
         assert install(EmulationSettings(soc="A3")) is st and st.settings.soc == "A3"  # re-configure
     finally:

@@ -1,4 +1,4 @@
-"""The NPU int8 kernels (``kernels/npu_quant.py``) through the emulation's torch_npu operators
+"""The NPU int8 kernels (``device_kernels/npu_quant.py``) through the emulation's torch_npu operators
 (real 2.13.0 schemas and documented contracts): every scheme equals the float64 oracle on the
 same int8 tensors, in float16 and bfloat16."""
 

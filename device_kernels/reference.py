@@ -56,7 +56,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class ReferenceBackend:
-    """The attention protocol (``kernels/base.py``) in plain PyTorch."""
+    """The attention protocol (``device_kernels/base.py``) in plain PyTorch."""
 
     name = "reference"
     DEFAULT_BLOCK_SIZE = 16  # small blocks waste little of the pool on CPU

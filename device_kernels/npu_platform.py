@@ -1,6 +1,6 @@
 """Is there a usable Ascend NPU here, and which: the probes ``device.py`` runs before choosing a
 platform, and the block size the NPU paged-attention ops want. No import of torch_npu happens
-before one of these is called (``kernels/npu.py`` calls the operators themselves).
+before one of these is called (``device_kernels/npu.py`` calls the operators themselves).
 """
 
 from __future__ import annotations

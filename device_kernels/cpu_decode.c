@@ -1,7 +1,7 @@
-/* Decode attention over a paged float32 KV cache, for the CPU backend (kernels/cpu.py).
+/* Decode attention over a paged float32 KV cache, for the CPU backend (device_kernels/cpu.py).
  *
- * Built at first use by kernels/cpu_native.py (cc -O3 -march=native -fopenmp) and called through
- * ctypes; the pure-PyTorch decode in kernels/cpu.py is the fallback, and reference.py the oracle.
+ * Built at first use by device_kernels/cpu_native.py (cc -O3 -march=native -fopenmp) and called through
+ * ctypes; the pure-PyTorch decode in device_kernels/cpu.py is the fallback, and reference.py the oracle.
  *
  * One query token per sequence attends to the first seq_lens[b] positions of its cache, read
  * where they lie: cache [num_blocks, kv_heads, block_size, head_dim], position t of sequence b in

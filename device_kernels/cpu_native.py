@@ -158,5 +158,5 @@ def decode_kernel() -> DecodeKernel | None:
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
         logger.warning(f"CPU decode attention: PyTorch ops (the native kernel is unavailable: {err})")
         return None
-    logger.info("CPU decode attention: native kernel (kernels/cpu_decode.c)")
+    logger.info("CPU decode attention: native kernel (device_kernels/cpu_decode.c)")
     return kernel

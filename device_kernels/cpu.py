@@ -47,7 +47,7 @@ EXP_FLOOR = -87.0
 
 
 class CpuBackend(ReferenceBackend):
-    """The attention protocol (``kernels/base.py``) for CPU serving; pointwise kernels
+    """The attention protocol (``device_kernels/base.py``) for CPU serving; pointwise kernels
     (RMSNorm, rotary) and the block size are the reference's."""
 
     name = "cpu"
