@@ -1,5 +1,7 @@
-"""The CPU backend's native decode kernel (``cpu_decode.c``): built on first use with the
-system's C compiler, loaded with ctypes, and called by ``CpuBackend.decode`` for float32 caches.
+"""The CPU path's native kernels, built on first use with the system's C compiler and loaded
+with ctypes: the decode attention (``cpu_decode.c``), called by ``CpuBackend.decode`` for float32
+caches, and a float32 linear for a decode step's rows (``cpu_gemm.c``, AVX-512 only), which the
+load-time calibration of ``models/layers/cpu_gemm.py`` may choose.
 
 Why native: a decode step's attention reads each sequence's blocks once per layer, a few hundred
 KiB per sequence. As PyTorch ops that is one ``bmm`` per run of blocks plus a dozen
@@ -9,13 +11,14 @@ shape, alternated): 32 sequences of 36-212 tokens, 24 layers, 57.5 against 148.6
 sequence 2.3 against 6.5 ms; the shard's whole decode step 423 against 550 ms at batch 32 and
 118 against 132 ms at batch 1.
 
-The build: ``cc -O3 -march=native -fopenmp -shared``, cached under
+The build (each source its own library): ``cc -O3 -march=native -fopenmp -shared``, cached under
 ``$XDG_CACHE_HOME/tgi-npu-backend`` (else ``~/.cache``) by a hash of the source, the flags, the
 compiler and the CPU's flags, written atomically (shards of one host may race to build it).
 The kernel links to the OpenMP runtime torch already loaded (``libgomp.so.1``, found by its
 soname), so it shares torch's thread pool rather than starting a second one. Where there is no
 compiler, or the build fails, ``decode_kernel()`` returns None (logged once) and the backend
-keeps its PyTorch decode: same results, slower.
+keeps its PyTorch decode: same results, slower; ``linear_kernel()`` returns None and the
+calibration chooses among the other linears.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import Tensor
 from tgi_npu_backend.user_cache import cache_home
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
+GEMM_SOURCE = Path(__file__).with_name("cpu_gemm.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
@@ -70,28 +74,29 @@ def _torch_lib_flags() -> list[str]:
     return []
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """The compiled library's path, compiling it first unless cached. Raises RuntimeError with
-    the compiler's output when it cannot be built."""
+def build(out_dir: Path | None = None, source_path: Path = SOURCE) -> Path:
+    """The library compiled from ``source_path``, compiling it first unless cached. Raises
+    RuntimeError with the compiler's output when it cannot be built."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     flags = [*FLAGS, *_torch_lib_flags()]
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(
         b"\0".join([source, " ".join(flags).encode(), cc.encode(), _cpu_flags().encode(),
                     platform.machine().encode()])
     ).hexdigest()[:16]
     out_dir = out_dir or cache_home()
-    target = out_dir / f"cpu_decode-{key}.so"
+    name = source_path.stem
+    target = out_dir / f"{name}-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_decode-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         done = subprocess.run(  # noqa: PLW1510 (the return code is read below)
-            [cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+            [cc, *flags, "-o", tmp, str(source_path), "-lm"],
             capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
         )
         if done.returncode != 0:
@@ -159,4 +164,54 @@ def decode_kernel() -> DecodeKernel | None:
         logger.warning(f"CPU decode attention: PyTorch ops (the native kernel is unavailable: {err})")
         return None
     logger.info("CPU decode attention: native kernel (device_kernels/cpu_decode.c)")
+    return kernel
+
+
+# ---------------------------------------------------------------------------------- the linear
+LinearKernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+_LINEAR_ARGTYPES = [_P, _I, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int]
+
+
+def load_linear(path: Path) -> LinearKernel | None:
+    """``kernel(x, weight, bias) = F.linear(x, weight, bias)`` for float32 CPU tensors, from the
+    library at ``path``; None when that library was built without AVX-512 (it says so)."""
+    fn = ctypes.CDLL(str(path)).linear_nt_f32
+    fn.argtypes = _LINEAR_ARGTYPES
+    fn.restype = ctypes.c_int64
+    probe, probe_out = torch.zeros(1, 1), torch.empty(1, 1)  # both alive across the call
+    if fn(probe.data_ptr(), 1, probe.data_ptr(), 1, None, probe_out.data_ptr(), 1, 1, 1, 1) < 0:
+        return None
+
+    def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
+            raise TypeError(f"the native CPU linear takes float32 only, not {x.dtype} x {weight.dtype}")
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        if weight.stride(-1) != 1:  # rows of the weight may be apart, not its elements
+            weight = weight.contiguous()
+        if bias is not None:
+            bias = bias.contiguous()
+        n = weight.shape[0]
+        out = torch.empty((rows.shape[0], n), dtype=torch.float32, device=x.device)
+        fn(rows.data_ptr(), rows.stride(0), weight.data_ptr(), weight.stride(0),
+           None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], n, k,
+           torch.get_num_threads())
+        return out.view(*x.shape[:-1], n)
+
+    return linear
+
+
+@functools.lru_cache(maxsize=1)
+def linear_kernel() -> LinearKernel | None:
+    """The native linear, built and loaded once per process; None (logged) where it cannot be
+    built or this CPU has no AVX-512."""
+    try:
+        kernel = load_linear(build(source_path=GEMM_SOURCE))
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+        logger.info(f"CPU linears: no native kernel ({err})")
+        return None
+    if kernel is None:
+        logger.info("CPU linears: no native kernel (built without AVX-512)")
     return kernel

@@ -13,6 +13,9 @@ Kernels for rows ``x`` ``[T, in]`` and a plain weight ``W`` ``[out, in]``:
 * ``packed``: oneDNN on the weight reordered at load (``packing.pack``).
 * ``swapped_chunks``: ``swapped`` over ``HEAD_CHUNK`` output rows at a time, each product
   transposed into the output while it is in cache. For a tall weight: an LM head's vocabulary.
+* ``native``: ``device_kernels/cpu_gemm.c`` on the plain weight (AVX-512 CPUs with a C compiler;
+  ``native_available``): tiles of weight rows stay in cache while every row of ``x`` passes over
+  them, and the next tile is prefetched meanwhile.
 """
 
 from __future__ import annotations
@@ -83,9 +86,32 @@ def swapped_chunks(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     return _swapped(x, weight, bias, HEAD_CHUNK)
 
 
+def native_available() -> bool:
+    """Whether ``native`` runs here (built on first call: ``device_kernels/cpu_native.py``)."""
+    from tgi_npu_backend.kernels.cpu_native import linear_kernel
+
+    return linear_kernel() is not None
+
+
+def native(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight^T (+ bias)`` through ``device_kernels/cpu_gemm.c``; only where ``native_available``."""
+    from tgi_npu_backend.kernels.cpu_native import linear_kernel
+
+    kernel = linear_kernel()
+    if kernel is None:
+        raise RuntimeError("the native CPU linear is not available here (needs AVX-512 and a C compiler)")
+    return kernel(x, weight, bias)
+
+
 KERNELS: dict[str, Kernel] = {
     "onednn": onednn, "mkl": mkl, "swapped": swapped, "swapped_chunks": swapped_chunks,
+    "native": native,
 }
+
+
+def available(names: tuple[str, ...]) -> tuple[str, ...]:
+    """``names`` less ``native`` where it does not run here."""
+    return tuple(n for n in names if n != "native" or native_available())
 SMALL_ROWS = 48  # up to this many rows a pass is "small" (a decode step), above "large" (a prefill)
 
 
@@ -154,10 +180,11 @@ def _seconds_per_call(run: Kernel, x: Tensor, weights: list[Tensor], bias: Tenso
 def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProfile:
     """Time the kernels on random float32 weights shaped like ``[out_features, in_features]``
     (at most ``PROBE_MAX_OUT`` rows) at ``PROBE_ROWS`` rows, alternated ``repeats`` times (medians),
-    and choose: for small passes the faster plain kernel over 1 and 32 rows (``swapped`` or
-    ``onednn``, geometric mean), for one row the fastest plain kernel at 1 row (``mkl``'s GEMV
+    and choose: for small passes the fastest plain kernel at 32 rows (``swapped``, ``onednn`` or,
+    where it runs, ``native``), for one row the fastest plain kernel at 1 row (``mkl``'s GEMV
     was 3-5% ahead of ``swapped`` there on the AMX machines, behind it at 32 rows), for large ones
-    the faster at 1,024 rows (``mkl`` or ``onednn``), and packing when the packed weight beats the small-pass choice over 1 and 32 rows. Large
+    the faster at 1,024 rows (``mkl`` or ``onednn``), and packing when the packed weight beats
+    those plain choices over 1 and 32 rows (geometric mean). Large
     passes do not decide the layout: they are compute-bound, and the layouts measured within ~10%
     of each other there on both machine kinds, against up to 60% at 32 rows. The few rows run over
     enough weights to leave the caches, as a model's step does. Once per shape and process; about
@@ -173,8 +200,8 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     packed = [pack(w) for w in plain]
     bias = torch.randn(n, generator=g)
     setups = {name: (run, plain) for name, run in KERNELS.items()} | {"packed": (onednn, packed)}
-    candidates = {1: ("swapped", "onednn", "packed", "mkl"), 32: ("swapped", "onednn", "packed"),
-                  1024: ("mkl", "onednn")}
+    candidates = {1: ("swapped", "onednn", "packed", "mkl"),
+                  32: available(("swapped", "onednn", "packed", "native")), 1024: ("mkl", "onednn")}
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
         for rows, names in candidates.items():
@@ -192,14 +219,14 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     def geo(name: str, rows: tuple[int, ...]) -> float:
         return math.exp(sum(math.log(t[name, r]) for r in rows) / len(rows))
 
-    small = min(("swapped", "onednn"), key=lambda k: geo(k, (1, 32)))
+    small = min((k for k in candidates[32] if k != "packed"), key=lambda k: t[k, 32])
     large = min(("mkl", "onednn"), key=lambda k: t[k, 1024])
     one = min(("swapped", "onednn", "mkl"), key=lambda k: t[k, 1])
-    ratio = geo("packed", (1, 32)) / geo(small, (1, 32))
+    ratio = geo("packed", (1, 32)) / math.sqrt(t[one, 1] * t[small, 32])  # against what plain runs
     measured = "; ".join(
         f"{r} rows " + " ".join(f"{k} {t[k, r] * 1e3:.3f}" for k in candidates[r]) + " ms"
         for r in PROBE_ROWS
-    ) + f"; packed / {small} {ratio:.2f} on [{n}, {in_features}]"
+    ) + f"; packed / plain {ratio:.2f} on [{n}, {in_features}]"
     return GemmProfile(pack=ratio < 1.0, small=small, large=large, one=one, measured=measured)
 
 
@@ -207,12 +234,12 @@ HEAD_PROBE_ROWS = 32  # the head is timed at a batch-32 decode step's rows
 
 
 def calibrate_head(table: Tensor, repeats: int = 3) -> tuple[str, str]:
-    """The faster head kernel at ``HEAD_PROBE_ROWS`` rows, ``onednn`` or ``swapped_chunks``,
-    timed on the LM head's own float32 table (no copy of it; too large to stay in cache),
+    """The fastest head kernel at ``HEAD_PROBE_ROWS`` rows, ``onednn``, ``swapped_chunks`` or
+    (where it runs) ``native``, timed on the LM head's own float32 table (no copy of it; too large to stay in cache),
     alternated ``repeats`` times (medians), with what was measured. About 1 s for BLOOM-560m's
     250,880 x 1,024 table on 2 cores."""
     x = torch.randn(HEAD_PROBE_ROWS, table.shape[1], generator=torch.Generator().manual_seed(0))
-    names = ("onednn", "swapped_chunks")
+    names = available(("onednn", "swapped_chunks", "native"))
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
         for name in names:  # untimed first calls: oneDNN builds its primitive

@@ -11,12 +11,19 @@ from tgi_npu_backend.models.layers.cpu_gemm import KERNELS, PACKED, PLAIN, SMALL
 from tgi_npu_backend.models.layers.linear import linear
 
 TOL = {"atol": 2e-5, "rtol": 1e-5}
+NATIVE = cpu_gemm.native_available()  # device_kernels/cpu_gemm.c: AVX-512 CPUs with a C compiler
+
+
+def runs_here(name: str) -> None:
+    if name == "native" and not NATIVE:
+        pytest.skip("the native CPU linear needs AVX-512 and a C compiler")
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 @pytest.mark.parametrize("rows", [0, 1, 3, 32, SMALL_ROWS + 1, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_kernel_computes_f_linear(name, rows, bias):
+    runs_here(name)
     g = torch.Generator().manual_seed(rows)
     x, w = torch.randn(rows, 72, generator=g), torch.randn(136, 72, generator=g)
     b = torch.randn(136, generator=g) if bias else None
@@ -27,6 +34,7 @@ def test_every_kernel_computes_f_linear(name, rows, bias):
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_every_kernel_takes_strided_and_batched_rows(name):
+    runs_here(name)
     w, b = torch.randn(40, 24), torch.randn(40)
     x = torch.randn(24, 7).t()  # [7, 24], not contiguous
     torch.testing.assert_close(KERNELS[name](x, w, b), F.linear(x, w, b), **TOL)
@@ -55,10 +63,29 @@ def test_a_profile_runs_its_small_kernel_up_to_small_rows_and_its_large_one_abov
     assert "swapped (mkl for one row) up to" in one_row.describe()
 
 
+@pytest.mark.skipif(not NATIVE, reason="the native CPU linear needs AVX-512 and a C compiler")
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 1024, 1040])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 31])
+def test_native_edges_against_float64(k, rows):
+    """Every remainder of its tiles (rows by 4, weight rows by 6, K by 16), weights and rows whose
+    rows lie apart (a slice of a wider matrix, as a tensor-parallel shard's columns), a weight
+    larger than a thread's share, against float64."""
+    g = torch.Generator().manual_seed(k * 100 + rows)
+    wide = torch.randn(6 * 11 + 5, k + 9, generator=g)
+    w, x, b = wide[:, 3 : 3 + k], torch.randn(rows, k + 4, generator=g)[:, 2 : 2 + k], torch.randn(71, generator=g)
+    assert w.stride(0) == k + 9 and x.stride(0) == k + 4
+    for bias in (None, b):
+        expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        out = KERNELS["native"](x, w, bias)
+        assert out.shape == (rows, 71) and out.is_contiguous()
+        torch.testing.assert_close(out.double(), expected, atol=1e-4 * max(1, k ** 0.5), rtol=1e-5)
+
+
 def test_calibration_measures_each_kernel_and_chooses_among_them():
     cpu_gemm.calibrate.cache_clear()
     profile = cpu_gemm.calibrate(96, 64, repeats=1)
-    assert profile.small in ("swapped", "onednn") and profile.large in ("mkl", "onednn")
+    assert profile.small in ("swapped", "onednn", "native") and profile.large in ("mkl", "onednn")
+    assert ("32 rows" in profile.measured and " native " in profile.measured) == NATIVE
     assert profile.one in ("swapped", "onednn", "mkl") and isinstance(profile.pack, bool)
     for needle in ("1 rows swapped", "32 rows swapped", "onednn", "packed", "1024 rows mkl", "on [96, 64]"):
         assert needle in profile.measured
@@ -102,6 +129,7 @@ def test_head_calibration_times_both_head_kernels_on_the_table_itself(monkeypatc
         monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: seen.append((n, w)) or F.linear(x, w, b))
     table = torch.randn(300, 64)
     choice, measured = cpu_gemm.calibrate_head(table, repeats=2)
-    assert choice in ("onednn", "swapped_chunks")
+    assert choice in ("onednn", "swapped_chunks", "native")
+    assert (" native " in measured) == NATIVE
     assert {n for n, _ in seen} == {"onednn", "swapped_chunks"} and all(w is table for _, w in seen)
     assert measured.startswith("LM head [300, 64] at 32 rows onednn ") and "swapped_chunks" in measured

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from prompt_pass import prompt_logits
 from tgi_npu_backend.kernels import get_backend
-from tgi_npu_backend.models.layers.cpu_gemm import PACKED, PLAIN
+from tgi_npu_backend.models.layers.cpu_gemm import PACKED, PLAIN, GemmProfile, native_available
 from tgi_npu_backend.models.layers.linear import (
     BF16_ONEDNN,
     MergedColumnParallelLinear,
@@ -91,6 +91,24 @@ def test_a_model_loaded_plain_runs_the_plain_kernels_and_computes_the_same_logit
     # the head's logits at 8 rows come from swapped_chunks (cpu_gemm's HEAD_CHUNK, in chunks)
     assert model.lm_head.gemm == PLAIN.head_profile() and model.lm_head.gemm.kernel(8).__name__ == "swapped_chunks"
     for ids in ([5, 17, 3, 99, 42, 7, 64, 12], [9]):  # a large pass and a one-row one
+        ours, ref = prompt_logits(model, ids), prompt_logits(packed, ids)
+        err = float((ours - ref).abs().max()) / float(ref.abs().max())
+        assert err < 1e-5, f"{ckpt} {len(ids)} tokens: {err:.2e}"
+
+
+@pytest.mark.skipif(not native_available(), reason="the native CPU linear needs AVX-512 and a C compiler")
+@pytest.mark.parametrize("ckpt", ["bloom_dir", "gemma_mqa_dir"])
+def test_a_model_whose_profile_chose_the_native_kernel_computes_the_same_logits(ckpt, request, monkeypatch):
+    """What ``auto`` gives where the native linear measures fastest (decoder and head alike)."""
+    model_dir = request.getfixturevalue(ckpt)
+    packed = _load(model_dir, torch.float32)
+    native = GemmProfile(pack=False, small="native", large="mkl", one="native", head="native")
+    monkeypatch.setattr("tgi_npu_backend.models.registry.gemm_profile", lambda model, mode: native)
+    model = load_model(model_dir, dtype=torch.float32, device=CPU, backend=get_backend(CPU))
+    linears = [m for m in model.modules() if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear))]
+    assert linears and all(m.gemm is native for m in linears)
+    assert model.lm_head.gemm.kernel(8).__name__ == "native"
+    for ids in ([5, 17, 3, 99, 42, 7, 64, 12], [9]):  # rows of a decode step, and one row
         ours, ref = prompt_logits(model, ids), prompt_logits(packed, ids)
         err = float((ours - ref).abs().max()) / float(ref.abs().max())
         assert err < 1e-5, f"{ckpt} {len(ids)} tokens: {err:.2e}"
