@@ -259,12 +259,11 @@ def gemv_bandwidth(hidden: int, gib: float = 1.0, repeats: int = 7) -> float:
 def linears_alone(model, repeats: int = 5) -> dict[str, float]:
     """Seconds for one row through every ``nn.Linear`` of ``model`` (the LM head included), back
     to back, with each float32 CPU kernel the shard may run a plain weight with at one row
-    (``cpu_gemm.KERNELS`` but the head's ``swapped_chunks``, which one row never runs; kernels
-    alternated, median of ``repeats``): the part of a batch-1 step that reads the weights, without
-    the small ops between them."""
-    from tgi_npu_backend.models.layers.cpu_gemm import KERNELS
+    (``cpu_gemm.ONE_ROW_KERNELS``; kernels alternated, median of ``repeats``): the part of a
+    batch-1 step that reads the weights, without the small ops between them."""
+    from tgi_npu_backend.models.layers.cpu_gemm import KERNELS, ONE_ROW_KERNELS
 
-    kernels = {name: k for name, k in KERNELS.items() if name != "swapped_chunks"}
+    kernels = {name: KERNELS[name] for name in ONE_ROW_KERNELS}
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
     times: dict[str, list[float]] = {name: [] for name in kernels}
