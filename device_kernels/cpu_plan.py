@@ -5,7 +5,7 @@ layer of one forward pass reads, built once from the metadata on the host.
   ALiBi distances and the mask of each sequence's last block; runs of consecutive blocks, read
   in place by ``device_kernels/cpu.py``. The block layout depends only on the block table and on how
   many blocks each sequence holds, so it is kept from pass to pass while those hold.
-* **Prefill**: sequences sorted by length and cut into a few padded groups (``PrefillGroup``).
+* **Prefill**: sequences sorted by length and cut into padded groups (``PrefillGroup``).
 * **Store**: each token's cache block and offset, the same for every layer.
 """
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tgi_npu_backend.kernels.cpu_native import linear_kernel
 from torch import Tensor
 
 Kernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -88,15 +89,11 @@ def swapped_chunks(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
 
 def native_available() -> bool:
     """Whether ``native`` runs here (built on first call: ``device_kernels/cpu_native.py``)."""
-    from tgi_npu_backend.kernels.cpu_native import linear_kernel
-
     return linear_kernel() is not None
 
 
 def native(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight^T (+ bias)`` through ``device_kernels/cpu_gemm.c``; only where ``native_available``."""
-    from tgi_npu_backend.kernels.cpu_native import linear_kernel
-
     kernel = linear_kernel()
     if kernel is None:
         raise RuntimeError("the native CPU linear is not available here (needs AVX-512 and a C compiler)")
@@ -112,6 +109,8 @@ KERNELS: dict[str, Kernel] = {
 def available(names: tuple[str, ...]) -> tuple[str, ...]:
     """``names`` less ``native`` where it does not run here."""
     return tuple(n for n in names if n != "native" or native_available())
+
+
 SMALL_ROWS = 48  # up to this many rows a pass is "small" (a decode step), above "large" (a prefill)
 # What one row (a batch-1 decode step) may run with. Not ``native``: its passes of four rows
 # compute one real row and three copies there (BLOOM-560m's 96 decoder projections 51.6 ms
