@@ -239,14 +239,15 @@ def hf_run(model, ids: list[list[int]], new_tokens: int, pad_id: int) -> dict:
 # ---------------------------------------------------------------------------------- bandwidth
 def gemv_bandwidth(hidden: int, gib: float = 1.0, repeats: int = 7) -> float:
     """Bytes/s of the fastest float32 ``[rows, hidden] @ [hidden]`` GEMV over ``gib`` GiB here
-    (median of ``repeats``): MKL's (``F.linear``) or oneDNN's (what the shard's linears use)."""
-    from tgi_npu_backend.models.layers.linear import linear
+    (median of ``repeats``): MKL's (``F.linear``), oneDNN's, or the native one-row kernel's
+    (``device_kernels/cpu_gemm.c``, where it runs), whichever streams fastest."""
+    from tgi_npu_backend.models.layers.cpu_gemm import KERNELS, available
 
     rows = int(gib * 2**30 / 4 / hidden)
     w = torch.randn(rows, hidden)
     x = torch.randn(1, hidden)
     best = 0.0
-    for gemv in (torch.nn.functional.linear, linear):
+    for gemv in (KERNELS[name] for name in available(("mkl", "onednn", "native"))):
         times = []
         for _ in range(repeats):
             t = now()
@@ -261,9 +262,9 @@ def linears_alone(model, repeats: int = 5) -> dict[str, float]:
     to back, with each float32 CPU kernel the shard may run a plain weight with at one row
     (``cpu_gemm.ONE_ROW_KERNELS``; kernels alternated, median of ``repeats``): the part of a
     batch-1 step that reads the weights, without the small ops between them."""
-    from tgi_npu_backend.models.layers.cpu_gemm import KERNELS, ONE_ROW_KERNELS
+    from tgi_npu_backend.models.layers.cpu_gemm import KERNELS, ONE_ROW_KERNELS, available
 
-    kernels = {name: KERNELS[name] for name in ONE_ROW_KERNELS}
+    kernels = {name: KERNELS[name] for name in available(ONE_ROW_KERNELS)}
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
     times: dict[str, list[float]] = {name: [] for name in kernels}
@@ -403,7 +404,7 @@ def main() -> None:
               f"reaches a median {100 * statistics.median(x['fraction'] for x in rounds):.0f}% of "
               f"its round's bound (goal >= 90%), {100 * weight_bytes / best_bw / itl:.0f}% of the "
               f"strictest (the run's best GEMV bandwidth, {best_bw / 1e9:.1f} GB/s, against the "
-              f"median ITL); the model's linears alone, back to back: "
+              f"median ITL); the model's linears alone, back to back, each its own call from Python: "
               + ", ".join(f"{name} {ms(t)} ({100 * weight_bytes / best_bw / t:.0f}%)"
                           for name, t in lin.items()),
               flush=True)

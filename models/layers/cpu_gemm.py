@@ -112,10 +112,10 @@ def available(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 SMALL_ROWS = 48  # up to this many rows a pass is "small" (a decode step), above "large" (a prefill)
-# What one row (a batch-1 decode step) may run with. Not ``native``: its passes of four rows
-# compute one real row and three copies there (BLOOM-560m's 96 decoder projections 51.6 ms
-# against MKL's 45.0 on the machine it was written on).
-ONE_ROW_KERNELS = ("swapped", "onednn", "mkl")
+# What one row (a batch-1 decode step) may run with (``native`` where it runs: its own one-row
+# GEMV, not the tiles of the 2-48-row kernel).
+ONE_ROW_KERNELS = ("swapped", "onednn", "mkl", "native")
+HEAD_ONE_ROW_KERNELS = ("onednn", "mkl", "native")  # the LM head's one row (``calibrate_head``)
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,9 @@ class GemmProfile:
     small: str = "onednn"
     large: str = "onednn"
     one: str | None = None  # for a single row (a batch-1 decode step); None: ``small``
-    # for the LM head's plain float32 table at 2 .. SMALL_ROWS rows (``head_profile``)
+    # for the LM head's plain float32 table at 2 .. SMALL_ROWS rows, and at one row (``head_profile``)
     head: str = "onednn"
+    head_one: str = "onednn"
     measured: str = ""
 
     def kernel(self, rows: int) -> Kernel:
@@ -137,15 +138,16 @@ class GemmProfile:
         return KERNELS[self.small if rows <= SMALL_ROWS else self.large]
 
     def head_profile(self) -> GemmProfile:
-        """The LM head's kernels: ``head`` for a decode step's rows, oneDNN for one row and for
-        more than ``SMALL_ROWS`` (a prefill's prompt logprobs)."""
-        return GemmProfile(pack=False, small=self.head, large="onednn", one="onednn")
+        """The LM head's kernels: ``head`` for a decode step's rows, ``head_one`` for one row,
+        oneDNN for more than ``SMALL_ROWS`` (a prefill's prompt logprobs)."""
+        return GemmProfile(pack=False, small=self.head, large="onednn", one=self.head_one)
 
     def describe(self) -> str:
         layout = "packed into oneDNN's layout" if self.pack else "plain"
         one = f" ({self.one} for one row)" if self.one not in (None, self.small) else ""
         how = (f"decoder weights {layout}; plain weights run {self.small}{one} up to {SMALL_ROWS} "
-               f"rows, {self.large} above; the LM head {self.head} from 2 to {SMALL_ROWS} rows")
+               f"rows, {self.large} above; the LM head {self.head} from 2 to {SMALL_ROWS} rows"
+               f" ({self.head_one} for one row)")
         return how + (f" (measured: {self.measured})" if self.measured else "")
 
 
@@ -184,8 +186,9 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     """Time the kernels on random float32 weights shaped like ``[out_features, in_features]``
     (at most ``PROBE_MAX_OUT`` rows) at ``PROBE_ROWS`` rows, alternated ``repeats`` times (medians),
     and choose: for small passes the fastest plain kernel at 32 rows (``swapped``, ``onednn`` or,
-    where it runs, ``native``), for one row the fastest plain kernel at 1 row (``mkl``'s GEMV
-    was 3-5% ahead of ``swapped`` there on the AMX machines, behind it at 32 rows), for large ones
+    where it runs, ``native``), for one row the fastest of ``ONE_ROW_KERNELS`` at 1 row (``mkl``'s
+    GEMV was 3-5% ahead of ``swapped`` there on the AMX machines, behind it at 32 rows; the native
+    one-row GEMV within 3% of ``mkl`` on this single shape, either side), for large ones
     the faster at 1,024 rows (``mkl`` or ``onednn``), and packing when the packed weight beats
     those plain choices over 1 and 32 rows (geometric mean). Large
     passes do not decide the layout: they are compute-bound, and the layouts measured within ~10%
@@ -203,7 +206,7 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     packed = [pack(w) for w in plain]
     bias = torch.randn(n, generator=g)
     setups = {name: (run, plain) for name, run in KERNELS.items()} | {"packed": (onednn, packed)}
-    candidates = {1: (*ONE_ROW_KERNELS, "packed"),
+    candidates = {1: (*available(ONE_ROW_KERNELS), "packed"),
                   32: available(("swapped", "onednn", "packed", "native")), 1024: ("mkl", "onednn")}
     times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
@@ -224,7 +227,7 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
 
     small = min((k for k in candidates[32] if k != "packed"), key=lambda k: t[k, 32])
     large = min(("mkl", "onednn"), key=lambda k: t[k, 1024])
-    one = min(ONE_ROW_KERNELS, key=lambda k: t[k, 1])
+    one = min(available(ONE_ROW_KERNELS), key=lambda k: t[k, 1])
     ratio = geo("packed", (1, 32)) / math.sqrt(t[one, 1] * t[small, 32])  # against what plain runs
     measured = "; ".join(
         f"{r} rows " + " ".join(f"{k} {t[k, r] * 1e3:.3f}" for k in candidates[r]) + " ms"
@@ -233,24 +236,31 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     return GemmProfile(pack=ratio < 1.0, small=small, large=large, one=one, measured=measured)
 
 
-HEAD_PROBE_ROWS = 32  # the head is timed at a batch-32 decode step's rows
+HEAD_PROBE_ROWS = 32  # the head is timed at a batch-32 decode step's rows, and at one row
 
 
-def calibrate_head(table: Tensor, repeats: int = 3) -> tuple[str, str]:
-    """The fastest head kernel at ``HEAD_PROBE_ROWS`` rows, ``onednn``, ``swapped_chunks`` or
-    (where it runs) ``native``, timed on the LM head's own float32 table (no copy of it; too large to stay in cache),
-    alternated ``repeats`` times (medians), with what was measured. About 1 s for BLOOM-560m's
-    250,880 x 1,024 table on 2 cores."""
-    x = torch.randn(HEAD_PROBE_ROWS, table.shape[1], generator=torch.Generator().manual_seed(0))
-    names = available(("onednn", "swapped_chunks", "native"))
-    times: dict[str, list[float]] = {name: [] for name in names}
+def calibrate_head(table: Tensor, repeats: int = 3) -> tuple[str, str, str]:
+    """The fastest head kernels, timed on the LM head's own float32 table (no copy of it; too
+    large to stay in cache), alternated ``repeats`` times (medians): at ``HEAD_PROBE_ROWS`` rows
+    among ``onednn``, ``swapped_chunks`` and (where it runs) ``native``, and at one row among
+    ``HEAD_ONE_ROW_KERNELS``. Returns (the first, the second, what was measured). About 1.5 s for
+    BLOOM-560m's 250,880 x 1,024 table on 2 cores."""
+    g = torch.Generator().manual_seed(0)
+    candidates = {HEAD_PROBE_ROWS: available(("onednn", "swapped_chunks", "native")),
+                  1: available(HEAD_ONE_ROW_KERNELS)}
+    times: dict[tuple[str, int], list[float]] = {}
     with torch.inference_mode():
-        for name in names:  # untimed first calls: oneDNN builds its primitive
-            KERNELS[name](x, table, None)
-        for _ in range(repeats):
-            for name in names:
-                times[name].append(_seconds_per_call(KERNELS[name], x, [table], None))
-    t = {name: statistics.median(v) for name, v in times.items()}
-    measured = (f"LM head [{table.shape[0]}, {table.shape[1]}] at {HEAD_PROBE_ROWS} rows "
-                + " ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items()) + " ms")
-    return min(names, key=t.__getitem__), measured
+        for rows, names in candidates.items():
+            x = torch.randn(rows, table.shape[1], generator=g)
+            for name in names:  # untimed first calls: oneDNN builds its primitive
+                KERNELS[name](x, table, None)
+            for _ in range(repeats):
+                for name in names:
+                    times.setdefault((name, rows), []).append(
+                        _seconds_per_call(KERNELS[name], x, [table], None))
+    t = {key: statistics.median(v) for key, v in times.items()}
+    measured = f"LM head [{table.shape[0]}, {table.shape[1]}] " + "; ".join(
+        f"at {rows} rows " + " ".join(f"{k} {t[k, rows] * 1e3:.1f}" for k in names) + " ms"
+        for rows, names in candidates.items())
+    head = min(candidates[HEAD_PROBE_ROWS], key=lambda k: t[k, HEAD_PROBE_ROWS])
+    return head, min(candidates[1], key=lambda k: t[k, 1]), measured

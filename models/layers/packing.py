@@ -86,9 +86,10 @@ def gemm_profile(model: nn.Module, mode: str = "auto") -> GemmProfile:
     table = _float32_cpu_head(model)
     if table is None:
         return profile
-    head, measured = calibrate_head(table)
+    head, head_one, measured = calibrate_head(table)
     return dataclasses.replace(
-        profile, head=head, measured="; ".join(m for m in (profile.measured, measured) if m)
+        profile, head=head, head_one=head_one,
+        measured="; ".join(m for m in (profile.measured, measured) if m),
     )
 
 

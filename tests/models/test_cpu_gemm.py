@@ -67,9 +67,9 @@ def test_a_profile_runs_its_small_kernel_up_to_small_rows_and_its_large_one_abov
 @pytest.mark.parametrize("k", [1, 15, 16, 17, 1024, 1040])
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 31])
 def test_native_edges_against_float64(k, rows):
-    """Every remainder of its tiles (rows by 4, weight rows by 6, K by 16), weights and rows whose
-    rows lie apart (a slice of a wider matrix, as a tensor-parallel shard's columns), a weight
-    larger than a thread's share, against float64."""
+    """Every remainder of its tiles (rows by 4, weight rows by 6, or by 8 for one row; K by 16),
+    weights and rows whose rows lie apart (a slice of a wider matrix, as a tensor-parallel shard's
+    columns), a weight larger than a thread's share, against float64."""
     g = torch.Generator().manual_seed(k * 100 + rows)
     wide = torch.randn(6 * 11 + 5, k + 9, generator=g)
     w, x, b = wide[:, 3 : 3 + k], torch.randn(rows, k + 4, generator=g)[:, 2 : 2 + k], torch.randn(71, generator=g)
@@ -86,7 +86,7 @@ def test_calibration_measures_each_kernel_and_chooses_among_them():
     profile = cpu_gemm.calibrate(96, 64, repeats=1)
     assert profile.small in ("swapped", "onednn", "native") and profile.large in ("mkl", "onednn")
     assert ("32 rows" in profile.measured and " native " in profile.measured) == NATIVE
-    assert profile.one in ("swapped", "onednn", "mkl") and isinstance(profile.pack, bool)
+    assert profile.one in ("swapped", "onednn", "mkl", "native") and isinstance(profile.pack, bool)
     for needle in ("1 rows swapped", "32 rows swapped", "onednn", "packed", "1024 rows mkl", "on [96, 64]"):
         assert needle in profile.measured
     assert cpu_gemm.calibrate(96, 64, repeats=1) is profile  # once per shape and process
@@ -128,8 +128,24 @@ def test_head_calibration_times_both_head_kernels_on_the_table_itself(monkeypatc
     for name in ("swapped_chunks", "onednn"):
         monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: seen.append((n, w)) or F.linear(x, w, b))
     table = torch.randn(300, 64)
-    choice, measured = cpu_gemm.calibrate_head(table, repeats=2)
+    for name in ("mkl",):
+        monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: seen.append((n, w)) or F.linear(x, w, b))
+    choice, one, measured = cpu_gemm.calibrate_head(table, repeats=2)
     assert choice in ("onednn", "swapped_chunks", "native")
+    assert one in ("onednn", "mkl", "native")
     assert (" native " in measured) == NATIVE
-    assert {n for n, _ in seen} == {"onednn", "swapped_chunks"} and all(w is table for _, w in seen)
+    assert {n for n, _ in seen} == {"onednn", "swapped_chunks", "mkl"} and all(w is table for _, w in seen)
     assert measured.startswith("LM head [300, 64] at 32 rows onednn ") and "swapped_chunks" in measured
+    assert "; at 1 rows onednn " in measured and " mkl " in measured.split("; at 1 rows")[1]
+
+
+def test_the_head_profile_runs_the_measured_one_row_kernel(monkeypatch):
+    calls = []
+    for name in ("mkl", "onednn"):
+        monkeypatch.setitem(KERNELS, name, lambda x, w, b, n=name: calls.append((n, x.shape[0])) or F.linear(x, w, b))
+    head = GemmProfile(pack=False, head="onednn", head_one="mkl").head_profile()
+    w = torch.randn(8, 4)
+    for rows in (1, 2):
+        linear(torch.randn(rows, 4), w, None, head)
+    assert calls == [("mkl", 1), ("onednn", 2)]
+    assert "(mkl for one row)" in GemmProfile(pack=False, head_one="mkl").describe()

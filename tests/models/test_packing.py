@@ -102,12 +102,13 @@ def test_a_model_whose_profile_chose_the_native_kernel_computes_the_same_logits(
     """What ``auto`` gives where the native linear measures fastest (decoder and head alike)."""
     model_dir = request.getfixturevalue(ckpt)
     packed = _load(model_dir, torch.float32)
-    native = GemmProfile(pack=False, small="native", large="mkl", one="native", head="native")
+    native = GemmProfile(pack=False, small="native", large="mkl", one="native", head="native",
+                         head_one="native")
     monkeypatch.setattr("tgi_npu_backend.models.registry.gemm_profile", lambda model, mode: native)
     model = load_model(model_dir, dtype=torch.float32, device=CPU, backend=get_backend(CPU))
     linears = [m for m in model.modules() if isinstance(m, (MergedColumnParallelLinear, RowParallelLinear))]
     assert linears and all(m.gemm is native for m in linears)
-    assert model.lm_head.gemm.kernel(8).__name__ == "native"
+    assert model.lm_head.gemm.kernel(8).__name__ == "native" == model.lm_head.gemm.kernel(1).__name__
     for ids in ([5, 17, 3, 99, 42, 7, 64, 12], [9]):  # rows of a decode step, and one row
         ours, ref = prompt_logits(model, ids), prompt_logits(packed, ids)
         err = float((ours - ref).abs().max()) / float(ref.abs().max())
@@ -127,9 +128,9 @@ def test_auto_keeps_a_small_model_packed_and_measures_a_large_one(bloom_dir, mon
     monkeypatch.setattr("tgi_npu_backend.models.layers.packing.calibrate",
                         lambda *shape: shapes.append(shape) or PLAIN)
     monkeypatch.setattr("tgi_npu_backend.models.layers.packing.calibrate_head",
-                        lambda table: tables.append(table) or ("onednn", "LM head timed"))
+                        lambda table: tables.append(table) or ("onednn", "mkl", "LM head timed"))
     profile = gemm_profile(plain_model, "auto")
-    assert profile == dataclasses.replace(PLAIN, head="onednn", measured="LM head timed")
+    assert profile == dataclasses.replace(PLAIN, head="onednn", head_one="mkl", measured="LM head timed")
     linears = (MergedColumnParallelLinear, RowParallelLinear)
     largest = max((m.weight for m in plain_model.modules() if isinstance(m, linears)),
                   key=lambda w: w.numel())
