@@ -1,7 +1,9 @@
 """The CPU path's native kernels, built on first use with the system's C compiler and loaded
 with ctypes: the decode attention (``cpu_decode.c``), called by ``CpuBackend.decode`` for float32
-caches, and a float32 linear for a decode step's rows (``cpu_gemm.c``, AVX-512 only), which the
-load-time calibration of ``models/layers/cpu_gemm.py`` may choose.
+caches; a float32 linear for a decode step's rows (``cpu_gemm.c``, AVX-512 only), which the
+load-time calibration of ``models/layers/cpu_gemm.py`` may choose; and BLOOM's decoder blocks for
+one token (``cpu_bloom.c``, AVX-512 only; it includes the other two), which
+``models/bloom_one_token.py`` runs where it measures faster.
 
 Why native: a decode step's attention reads each sequence's blocks once per layer, a few hundred
 KiB per sequence. As PyTorch ops that is one ``bmm`` per run of blocks plus a dozen
@@ -18,7 +20,8 @@ The kernel links to the OpenMP runtime torch already loaded (``libgomp.so.1``, f
 soname), so it shares torch's thread pool rather than starting a second one. Where there is no
 compiler, or the build fails, ``decode_kernel()`` returns None (logged once) and the backend
 keeps its PyTorch decode: same results, slower; ``linear_kernel()`` returns None and the
-calibration chooses among the other linears.
+calibration chooses among the other linears; ``bloom_kernel()`` returns None and BLOOM keeps its
+PyTorch blocks.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tgi_npu_backend.user_cache import cache_home
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 GEMM_SOURCE = Path(__file__).with_name("cpu_gemm.c")
+BLOOM_SOURCE = Path(__file__).with_name("cpu_bloom.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
@@ -74,6 +78,16 @@ def _torch_lib_flags() -> list[str]:
     return []
 
 
+def _sources(source_path: Path) -> list[Path]:
+    """``source_path`` and the files beside it that it includes (``#include "name.c"``), which
+    the cache key must cover too."""
+    found = [source_path]
+    for line in source_path.read_text().splitlines():
+        if line.startswith('#include "'):
+            found += _sources(source_path.with_name(line.split('"')[1]))
+    return found
+
+
 def build(out_dir: Path | None = None, source_path: Path = SOURCE) -> Path:
     """The library compiled from ``source_path``, compiling it first unless cached. Raises
     RuntimeError with the compiler's output when it cannot be built."""
@@ -81,7 +95,7 @@ def build(out_dir: Path | None = None, source_path: Path = SOURCE) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     flags = [*FLAGS, *_torch_lib_flags()]
-    source = source_path.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in _sources(source_path))
     key = hashlib.sha256(
         b"\0".join([source, " ".join(flags).encode(), cc.encode(), _cpu_flags().encode(),
                     platform.machine().encode()])
@@ -215,3 +229,46 @@ def linear_kernel() -> LinearKernel | None:
     if kernel is None:
         logger.info("CPU linears: no native kernel (built without AVX-512)")
     return kernel
+
+
+# ---------------------------------------------------------------------------------- BLOOM's blocks
+class BloomBlock(ctypes.Structure):
+    """``struct bloom_block`` of ``cpu_bloom.c``: one block's float32 weights and KV cache."""
+
+    _fields_ = [(name, _P) for name in (
+        "ln1_w", "ln1_b", "qkv_w", "qkv_b", "dense_w", "dense_b",
+        "ln2_w", "ln2_b", "up_w", "up_b", "down_w", "down_b")] + [
+        (name, _I) for name in ("qkv_ld", "dense_ld", "up_ld", "down_ld")] + [
+        ("key_cache", _P), ("value_cache", _P)]
+
+
+class BloomStep(ctypes.Structure):
+    """``struct bloom_step`` of ``cpu_bloom.c``: the shapes, and the one sequence of the step."""
+
+    _fields_ = [
+        *[(name, _I) for name in ("hidden", "inter", "heads", "head_dim", "block_size", "num_blocks")],
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("residual_after_norm", ctypes.c_int32),
+        ("slopes", _P), ("table", _P), ("max_blocks", _I), ("len", ctypes.c_int32), ("slot", _I),
+        ("scratch", _P), ("nthreads", ctypes.c_int),
+    ]
+
+
+# bloom_blocks_f32's return codes (cpu_bloom.c)
+BLOOM_OK, BLOOM_BAD_SLOT, BLOOM_BAD_TABLE, BLOOM_NO_MEMORY, BLOOM_NO_AVX512 = 0, -1, -2, -3, -4
+
+
+@functools.lru_cache(maxsize=1)
+def bloom_kernel() -> Callable[..., int] | None:
+    """``bloom_blocks_f32(hidden_ptr, blocks, count, step) -> code`` (``cpu_bloom.c``), built and
+    loaded once per process; None (logged) where it cannot be built or this CPU has no AVX-512."""
+    try:
+        fn = ctypes.CDLL(str(build(source_path=BLOOM_SOURCE))).bloom_blocks_f32
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+        logger.info(f"BLOOM one-token blocks: no native kernel ({err})")
+        return None
+    fn.argtypes = [_P, ctypes.POINTER(BloomBlock), _I, ctypes.POINTER(BloomStep)]
+    fn.restype = ctypes.c_int64
+    if fn(None, None, 0, ctypes.byref(BloomStep(slot=-1))) == BLOOM_NO_AVX512:
+        logger.info("BLOOM one-token blocks: no native kernel (built without AVX-512)")
+        return None
+    return fn

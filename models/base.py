@@ -92,6 +92,10 @@ class CausalLM(nn.Module, ABC):
                 )
             weights.mark_used(LM_HEAD)
 
+    def finish_load(self) -> None:
+        """Called once the weights are loaded and in their final layout (``registry.load_model``,
+        after packing): set up what depends on them. Nothing by default."""
+
     # ---- running -----------------------------------------------------------------------------
     @abstractmethod
     def forward(

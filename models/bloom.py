@@ -13,8 +13,10 @@ import math
 from collections.abc import Iterable
 
 import torch
+from loguru import logger
 from tgi_npu_backend.kernels.base import AttentionBackend, AttentionMetadata
 from tgi_npu_backend.models.base import CausalLM
+from tgi_npu_backend.models.bloom_one_token import BloomOneToken
 from tgi_npu_backend.models.config import ModelConfig
 from tgi_npu_backend.models.layers.activation import BloomGelu
 from tgi_npu_backend.models.layers.alibi import alibi_slopes_for_rank
@@ -174,6 +176,7 @@ class BloomForCausalLM(CausalLM):
         )
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.lm_head = self.make_lm_head(self.word_embeddings)
+        self.one_token: BloomOneToken | None = None  # set by finish_load where it qualifies
 
     @staticmethod
     def weight_names(name: str) -> Iterable[str]:
@@ -188,6 +191,17 @@ class BloomForCausalLM(CausalLM):
         self.ln_f.load(weights, f"{PREFIX}ln_f")
         self.load_lm_head(self.lm_head, weights)
 
+    def finish_load(self) -> None:
+        """A decode step of one sequence runs the blocks natively where that is the same
+        computation on the same kernels (``bloom_one_token.py``)."""
+        self.one_token, why = BloomOneToken.for_model(self)
+        if self.one_token is not None:
+            logger.info(f"BLOOM decode steps of one sequence: native blocks (device_kernels/cpu_bloom.c; {why})")
+        elif why.startswith("measured"):
+            logger.info(f"BLOOM decode steps of one sequence: PyTorch blocks ({why})")
+        else:
+            logger.debug(f"BLOOM decode steps of one sequence: PyTorch blocks ({why})")
+
     def forward(
         self,
         input_ids: Tensor,
@@ -197,6 +211,8 @@ class BloomForCausalLM(CausalLM):
     ) -> Tensor:
         # ALiBi: positions enter through the attention bias, which the backend derives from meta.
         hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # [T, hidden]
+        if self.one_token is not None and self.one_token.takes(hidden, kv_caches, meta):
+            return self.ln_f(self.one_token(hidden, kv_caches, meta))
         for block, kv_cache in zip(self.h, kv_caches, strict=True):
             hidden = block(hidden, kv_cache, meta)
         return self.ln_f(hidden)

@@ -69,4 +69,5 @@ def load_model(
             + (f"; the tied LM head runs from a packed bfloat16 copy (+{copy_bytes / 2**20:.0f} MiB)"
                if copy_bytes else "")
         )
+    model.finish_load()
     return model.eval()
