@@ -64,7 +64,6 @@ class BloomOneToken:
             residual_after_norm=int(first.residual_after_norm), slopes=_ptr(slopes),
             scratch=_ptr(self.scratch), nthreads=1,
         )
-        self._caches: list[tuple[Tensor, Tensor]] | None = None
 
     @classmethod
     def for_model(cls, model) -> tuple[BloomOneToken | None, str]:
@@ -89,18 +88,23 @@ class BloomOneToken:
         return k.dtype == v.dtype == torch.float32
 
     def _bind(self, kv_caches: list[tuple[Tensor, Tensor]]) -> None:
+        """Every call (about 10 us): holding on to a pool between calls would keep a freed one
+        (warmup's, the load-time timing's) alive, and its addresses could be reused."""
+        shape = kv_caches[0][0].shape
+        s = self.step
+        if len(shape) != 4 or (shape[1], shape[3]) != (s.heads, s.head_dim):
+            raise ValueError(f"KV caches shaped {list(shape)}: the native BLOOM blocks take "
+                             f"[blocks, {s.heads} heads, block size, {s.head_dim}] (the CPU backend's)")
         for b, (k, v) in zip(self.blocks, kv_caches, strict=True):
-            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
-                raise ValueError("the native BLOOM blocks need contiguous float32 KV caches")
+            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32
+                    and k.shape == v.shape == shape):
+                raise ValueError("the native BLOOM blocks need contiguous float32 KV caches of one shape")
             b.key_cache, b.value_cache = _ptr(k), _ptr(v)
-        key = kv_caches[0][0]
-        self.step.num_blocks, self.step.block_size = key.shape[0], key.shape[2]
-        self._caches = kv_caches
+        s.num_blocks, s.block_size = shape[0], shape[2]
 
     def __call__(self, hidden: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> Tensor:
         """``hidden`` [1, hidden] (after the embedding's LayerNorm) through every block."""
-        if kv_caches is not self._caches:
-            self._bind(kv_caches)
+        self._bind(kv_caches)
         h = hidden.to(torch.float32, copy=True).contiguous()
         table = meta.block_tables
         if table.dtype != torch.int32 or not table.is_contiguous():

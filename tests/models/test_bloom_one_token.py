@@ -7,6 +7,9 @@ loads them with the profile a large model gets where the native kernels measure 
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from test_models import (  # noqa: F401 (fixtures)
@@ -33,8 +36,12 @@ needs_kernel = pytest.mark.skipif(bloom_kernel() is None, reason="needs AVX-512 
 PROMPT, NEW = 30, 40  # the decode steps cross two block boundaries (32, 48)
 
 
-def _load(path, monkeypatch, profile=NATIVE, backend=None, dtype=torch.float32):
+def _load(path, monkeypatch, profile=NATIVE, backend=None, dtype=torch.float32, timed=(1.0, 0.5)):
+    """``path`` loaded with ``profile``; the load-time timing reports ``timed`` (blocks, native)
+    seconds (None: really timed), so that a busy machine cannot change which path a test runs."""
     monkeypatch.setattr("tgi_npu_backend.models.registry.gemm_profile", lambda model, mode: profile)
+    if timed is not None:
+        monkeypatch.setattr("tgi_npu_backend.models.bloom_one_token.time_steps", lambda model, native: timed)
     return load_model(path, dtype=dtype, device=CPU, backend=backend or get_backend(CPU))
 
 
@@ -148,28 +155,52 @@ def test_a_slot_or_a_length_outside_the_cache_is_refused_in_words(bloom_dir, mon
         model.one_token(hidden, caches, meta(17, 40, [1, 2]))
     with pytest.raises(IndexError, match="do not fit the block table row"):
         model.one_token(hidden, caches, meta(17, 3, [num_blocks + 5]))
+    wrong = [(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for k, v in caches]
+    with pytest.raises(ValueError, match="the native BLOOM blocks take"):
+        model.one_token(hidden, wrong, meta(17, 3, [1]))
     # the model still serves
     out = model.one_token(hidden, caches, meta(17, 3, [1]))
     assert out.shape == (1, model.config.hidden_size) and bool(torch.isfinite(out).all())
 
 
 @needs_kernel
-def test_the_native_blocks_run_only_where_they_measure_faster(bloom_dir, monkeypatch):
-    timed = []
-    monkeypatch.setattr("tgi_npu_backend.models.bloom_one_token.time_steps",
-                        lambda model, native: timed.append(native) or (0.002, 0.003))
+def test_no_kv_pool_is_kept_alive_between_calls(bloom_dir, monkeypatch):
+    """Warmup's pool, and the load-time timing's, are freed when their owners drop them."""
     model = _load(bloom_dir, monkeypatch)
-    assert model.one_token is None and len(timed) == 1
-    monkeypatch.setattr("tgi_npu_backend.models.bloom_one_token.time_steps",
-                        lambda model, native: (0.003, 0.002))
-    assert _load(bloom_dir, monkeypatch).one_token is not None
+    runner = PagedRunner(model, seed=3)
+    seq = Seq(list(range(5, 25)), 3)
+    runner.prefill([seq])
+    runner.decode([seq])
+    gone = weakref.ref(runner.caches[0][0])
+    del runner
+    gc.collect()
+    assert gone() is None
+
+
+@needs_kernel
+def test_the_native_blocks_run_only_where_they_measure_faster(bloom_dir, monkeypatch):
+    assert _load(bloom_dir, monkeypatch, timed=(0.002, 0.003)).one_token is None
+    assert _load(bloom_dir, monkeypatch, timed=(0.003, 0.002)).one_token is not None
 
 
 @needs_kernel
 def test_timing_runs_both_paths_on_a_scratch_cache(bloom_dir, monkeypatch):
     model = _load(bloom_dir, monkeypatch)
-    blocks, native = time_steps(model, model.one_token, repeats=2)
-    assert 0 < native < blocks  # two tiny blocks: the native call saves their dozens of ops
+    calls = {"blocks": 0, "native": 0}
+    for block in model.h:
+        monkeypatch.setattr(block, "forward", _counted(block.forward, calls, "blocks"))
+    native = _Counting(model.one_token, [])
+    blocks_s, native_s = time_steps(model, native, repeats=2)
+    assert blocks_s > 0 and native_s > 0
+    # one untimed call each, then two timed ones, every block each time
+    assert calls["blocks"] == 3 * len(model.h) and len(native.calls) == 3
+
+
+def _counted(fn, calls, key):
+    def run(*args):
+        calls[key] += 1
+        return fn(*args)
+    return run
 
 
 @pytest.mark.parametrize("case", ["plain profile", "bfloat16", "python decode", "gemma"])
