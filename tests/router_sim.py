@@ -96,6 +96,11 @@ class RouterSim:
 
     # ---------------------------------------------------------------- shard calls
     def _all(self, method: str, request):
+        """``method`` on every shard at once, as the router's concurrent calls; one shard is
+        called directly (a pool's thread hop added 0.12 ms to each call here, which the router's
+        async calls do not)."""
+        if len(self.stubs) == 1:
+            return [getattr(self.stubs[0], method)(request)]
         futures = [self.pool.submit(getattr(s, method), request) for s in self.stubs]
         return [f.result() for f in futures]
 
