@@ -56,7 +56,6 @@ class BloomOneToken:
                     setattr(b, f"{name}_ld", w.stride(0))
         slopes = first.self_attention.attn.alibi_slopes
         self._kept.append(slopes)
-        self.hidden = cfg.hidden_size
         self.scratch = torch.empty(7 * cfg.hidden_size + cfg.intermediate_size, dtype=torch.float32)
         self.step = cpu_native.BloomStep(
             hidden=cfg.hidden_size, inter=cfg.intermediate_size, heads=first.self_attention.local_heads,
