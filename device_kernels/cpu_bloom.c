@@ -3,8 +3,8 @@
  *
  * Loaded by device_kernels/cpu_native.py (built like cpu_decode.c, which it includes with
  * cpu_gemm.c: the same attention and the same one-row GEMV the unfused path runs) and called by
- * models/bloom_one_token.py, only where the load-time calibration chose the native kernel for one
- * row (models/layers/cpu_gemm.py). Why: a batch-1 step reads every weight once, so its floor is
+ * models/bloom_one_token.py, only where one step of it timed faster at load than one step of the
+ * PyTorch blocks. Why: a batch-1 step reads every weight once, so its floor is
  * the time to stream them; each block's small ops (two LayerNorms, the GELU, two residual adds,
  * the KV store, the attention call) cost microseconds of work but, as PyTorch ops, tens of
  * microseconds of dispatch each, with the memory idle meanwhile. On the 2-core machine this was
@@ -77,19 +77,17 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static void gelu_tanh(float *x, int64_t n) { /* n % 16 == 0 or the tail masked */
+static void gelu_tanh(float *x, int64_t n) { /* in place; a partial last vector masked */
     const __m512 c = _mm512_set1_ps(-2.0f * 0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f);
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : tail_mask(n - i);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
         const __m512 inner = _mm512_mul_ps(v, _mm512_fmadd_ps(_mm512_mul_ps(c3, v), v, one));
         const __m512 e = exp512(_mm512_mul_ps(c, inner)); /* exp(-2y) */
         _mm512_mask_storeu_ps(x + i, m, _mm512_div_ps(v, _mm512_add_ps(one, e)));
     }
 }
-
-static inline __mmask16 k_tail(int64_t k) { return (__mmask16)((1u << (k % 16)) - 1u); }
 
 /* Runs `count` blocks over h [hidden] in place. Returns 0; -1 when the slot is outside the
  * cache; -2 when the sequence's length or block ids do not fit it (nothing computed for that
@@ -104,7 +102,7 @@ int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t cou
     for (int64_t l = 0; l < count; l++) {
         const struct bloom_block *b = blocks + l;
         layer_norm(h, b->ln1_w, b->ln1_b, s->eps, n1, hd);
-        gemv(n1, b->qkv_w, b->qkv_ld, b->qkv_b, 0, qkv, 3 * hd, hd, k_tail(hd), s->nthreads);
+        gemv(n1, b->qkv_w, b->qkv_ld, b->qkv_b, 0, qkv, 3 * hd, hd, s->nthreads);
         if (s->slot >= 0) {
             const int64_t blk = s->slot / bs, off = s->slot % bs;
             for (int64_t hh = 0; hh < heads; hh++) {
@@ -118,15 +116,15 @@ int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t cou
         const int64_t rc = paged_decode_f32(qkv, 0, d, b->key_cache, b->value_cache, s->num_blocks,
                                             s->table, s->max_blocks, &s->len, s->slopes, s->scale,
                                             1, heads, heads, bs, d, attn, s->nthreads);
-        if (rc == -2) return -3;
-        if (rc < 0) return -2;
+        if (rc == -2) return -3; /* -1 - batch: its score buffers */
+        if (rc < 0) return -2;   /* -1 - b: the sequence does not fit */
         gemv(attn, b->dense_w, b->dense_ld, b->dense_b, s->residual_after_norm ? n1 : h, h2, hd, hd,
-             k_tail(hd), s->nthreads);
+             s->nthreads);
         layer_norm(h2, b->ln2_w, b->ln2_b, s->eps, n2, hd);
-        gemv(n2, b->up_w, b->up_ld, b->up_b, 0, up, s->inter, hd, k_tail(hd), s->nthreads);
+        gemv(n2, b->up_w, b->up_ld, b->up_b, 0, up, s->inter, hd, s->nthreads);
         gelu_tanh(up, s->inter);
         gemv(up, b->down_w, b->down_ld, b->down_b, s->residual_after_norm ? n2 : h2, h, hd,
-             s->inter, k_tail(s->inter), s->nthreads);
+             s->inter, s->nthreads);
     }
     return 0;
 }

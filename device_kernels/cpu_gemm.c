@@ -58,6 +58,9 @@ static void pass(const float* const* xr, const float* const* wr, int64_t k_len, 
             y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
+/* The lanes of the last, partial 16-float vector of a row of k floats (0: none). */
+static inline __mmask16 tail_mask(int64_t k) { return (__mmask16)((1u << (k % 16)) - 1u); }
+
 /* Points wr[0..count) at weight rows n0, n0 + 1, ... (rows past N repeat the last real one);
  * returns how many are real. */
 static inline int weight_rows(const float* w, int64_t ldw, int64_t n, int64_t n0, int count,
@@ -78,9 +81,10 @@ static inline int weight_rows(const float* w, int64_t ldw, int64_t n, int64_t n0
 #define GR 8
 
 static void gemv(const float* x, const float* w, int64_t ldw, const float* b, const float* res,
-                 float* y, int64_t n, int64_t k_len, __mmask16 tail, int nthreads)
+                 float* y, int64_t n, int64_t k_len, int nthreads)
 {
     const int64_t groups = (n + GR - 1) / GR;
+    const __mmask16 tail = tail_mask(k_len);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t g = 0; g < groups; g++) {
         const int64_t n0 = g * GR;
@@ -108,11 +112,11 @@ static void gemv(const float* x, const float* w, int64_t ldw, const float* b, co
 int64_t linear_nt_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* b,
                       float* y, int64_t m, int64_t n, int64_t k_len, int nthreads)
 {
-    const __mmask16 tail = (__mmask16)((1u << (k_len % 16)) - 1u);
     if (m == 1) {
-        gemv(x, w, ldw, b, 0, y, n, k_len, tail, nthreads);
+        gemv(x, w, ldw, b, 0, y, n, k_len, nthreads);
         return 0;
     }
+    const __mmask16 tail = tail_mask(k_len);
     const int64_t tiles = (n + NR - 1) / NR;
     const int64_t passes = (m + MR - 1) / MR;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
