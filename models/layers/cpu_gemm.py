@@ -181,6 +181,31 @@ def _seconds_per_call(run: Kernel, x: Tensor, weights: list[Tensor], bias: Tenso
     return (time.perf_counter() - start) / len(weights)
 
 
+def _median_times(
+    candidates: dict[int, tuple[str, ...]],
+    setup: Callable[[str, int], tuple[Kernel, list[Tensor]]],
+    in_features: int,
+    repeats: int,
+    generator: torch.Generator,
+    bias: Tensor | None = None,
+) -> dict[tuple[str, int], float]:
+    """Median seconds per weight of each candidate kernel at each row count (``setup(name,
+    rows)``: the kernel and the weights it runs over): one untimed call each first (first calls
+    build oneDNN primitives), then the kernels alternated ``repeats`` times."""
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode():
+        for rows, names in candidates.items():
+            x = torch.randn(rows, in_features, generator=generator)
+            for name in names:
+                run, ws = setup(name, rows)
+                run(x, ws[0], bias)
+            for _ in range(repeats):
+                for name in names:
+                    run, ws = setup(name, rows)
+                    times.setdefault((name, rows), []).append(_seconds_per_call(run, x, ws, bias))
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 @functools.lru_cache(maxsize=8)
 def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProfile:
     """Time the kernels on random float32 weights shaped like ``[out_features, in_features]``
@@ -208,19 +233,12 @@ def calibrate(out_features: int, in_features: int, repeats: int = 5) -> GemmProf
     setups = {name: (run, plain) for name, run in KERNELS.items()} | {"packed": (onednn, packed)}
     candidates = {1: (*available(ONE_ROW_KERNELS), "packed"),
                   32: available(("swapped", "onednn", "packed", "native")), 1024: ("mkl", "onednn")}
-    times: dict[tuple[str, int], list[float]] = {}
-    with torch.inference_mode():
-        for rows, names in candidates.items():
-            x = torch.randn(rows, in_features, generator=g)
-            used = copies if rows < PROBE_ROWS[-1] else 1  # a prefill's worth is compute-bound
-            for name in names:  # once each, untimed: first calls build oneDNN primitives
-                run, ws = setups[name]
-                run(x, ws[0], bias)
-            for _ in range(repeats):
-                for name in names:
-                    run, ws = setups[name]
-                    times.setdefault((name, rows), []).append(_seconds_per_call(run, x, ws[:used], bias))
-    t = {key: statistics.median(v) for key, v in times.items()}
+
+    def setup(name: str, rows: int) -> tuple[Kernel, list[Tensor]]:
+        run, ws = setups[name]
+        return run, ws[: copies if rows < PROBE_ROWS[-1] else 1]  # a prefill's worth is compute-bound
+
+    t = _median_times(candidates, setup, in_features, repeats, g, bias)
 
     def geo(name: str, rows: tuple[int, ...]) -> float:
         return math.exp(sum(math.log(t[name, r]) for r in rows) / len(rows))
@@ -248,17 +266,8 @@ def calibrate_head(table: Tensor, repeats: int = 3) -> tuple[str, str, str]:
     g = torch.Generator().manual_seed(0)
     candidates = {HEAD_PROBE_ROWS: available(("onednn", "swapped_chunks", "native")),
                   1: available(HEAD_ONE_ROW_KERNELS)}
-    times: dict[tuple[str, int], list[float]] = {}
-    with torch.inference_mode():
-        for rows, names in candidates.items():
-            x = torch.randn(rows, table.shape[1], generator=g)
-            for name in names:  # untimed first calls: oneDNN builds its primitive
-                KERNELS[name](x, table, None)
-            for _ in range(repeats):
-                for name in names:
-                    times.setdefault((name, rows), []).append(
-                        _seconds_per_call(KERNELS[name], x, [table], None))
-    t = {key: statistics.median(v) for key, v in times.items()}
+    t = _median_times(candidates, lambda name, rows: (KERNELS[name], [table]), table.shape[1],
+                      repeats, g)
     measured = f"LM head [{table.shape[0]}, {table.shape[1]}] " + "; ".join(
         f"at {rows} rows " + " ".join(f"{k} {t[k, rows] * 1e3:.1f}" for k in names) + " ms"
         for rows, names in candidates.items())
