@@ -17,7 +17,7 @@
  * ("n1 or h": the residual is taken after the norm where apply_residual_connection_post_layernorm).
  * LayerNorm: mean, then the mean of squared deviations (two passes), in float32. GELU's tanh form
  * as x * sigmoid(2y) = x / (1 + exp(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3), with exp by range
- * reduction and a degree-7 polynomial (relative error under 1e-7).
+ * reduction and a degree-7 polynomial (cpu_simd.h; relative error under 1e-7).
  */
 #include "cpu_decode.c"
 #include "cpu_gemm.c"
@@ -58,23 +58,6 @@ static void layer_norm(const float *x, const float *w, const float *b, float eps
     const float inv = 1.0f / sqrtf(sq / (float)n + eps);
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) y[i] = (x[i] - mean) * inv * w[i] + b[i];
-}
-
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r); /* |r| <= ln2 / 2 */
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 static void gelu_tanh(float *x, int64_t n) { /* in place; a partial last vector masked */

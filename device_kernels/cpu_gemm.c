@@ -24,7 +24,7 @@
 #include <stdint.h>
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "cpu_simd.h"
 
 #define MR 4 /* x rows per pass */
 #define NR 6 /* weight rows per tile: MR * NR = 24 accumulators + NR weight vectors + 1 of x */
@@ -57,9 +57,6 @@ static void pass(const float* const* xr, const float* const* wr, int64_t k_len, 
         for (int j = 0; j < nr; j++)
             y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
-
-/* The lanes of the last, partial 16-float vector of a row of k floats (0: none). */
-static inline __mmask16 tail_mask(int64_t k) { return (__mmask16)((1u << (k % 16)) - 1u); }
 
 /* Points wr[0..count) at weight rows n0, n0 + 1, ... (rows past N repeat the last real one);
  * returns how many are real. */

@@ -3,7 +3,9 @@ with ctypes: the decode attention (``cpu_decode.c``), called by ``CpuBackend.dec
 caches; a float32 linear for a decode step's rows (``cpu_gemm.c``, AVX-512 only), which the
 load-time calibration of ``models/layers/cpu_gemm.py`` may choose; and BLOOM's decoder blocks for
 one token (``cpu_bloom.c``, AVX-512 only; it includes the other two), which
-``models/bloom_one_token.py`` runs where it measures faster.
+``models/bloom_one_token.py`` runs where it measures faster; and the all-greedy sampling step,
+argmax and log_softmax in one call (``cpu_sample.c``, AVX-512 only), which ``sampling.py`` runs on
+float32 CPU scores. ``cpu_simd.h`` holds what the AVX-512 files share.
 
 Why native: a decode step's attention reads each sequence's blocks once per layer, a few hundred
 KiB per sequence. As PyTorch ops that is one ``bmm`` per run of blocks plus a dozen
@@ -21,7 +23,8 @@ soname), so it shares torch's thread pool rather than starting a second one. Whe
 compiler, or the build fails, ``decode_kernel()`` returns None (logged once) and the backend
 keeps its PyTorch decode: same results, slower; ``linear_kernel()`` returns None and the
 calibration chooses among the other linears; ``bloom_kernel()`` returns None and BLOOM keeps its
-PyTorch blocks.
+PyTorch blocks; ``greedy_kernel()`` returns None and sampling keeps numpy's argmax and torch's
+log_softmax.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from tgi_npu_backend.user_cache import cache_home
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 GEMM_SOURCE = Path(__file__).with_name("cpu_gemm.c")
 BLOOM_SOURCE = Path(__file__).with_name("cpu_bloom.c")
+SAMPLE_SOURCE = Path(__file__).with_name("cpu_sample.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
@@ -79,8 +83,8 @@ def _torch_lib_flags() -> list[str]:
 
 
 def _sources(source_path: Path) -> list[Path]:
-    """``source_path`` and the files beside it that it includes (``#include "name.c"``), which
-    the cache key must cover too."""
+    """``source_path`` and the files beside it that it includes (``#include "name.c"`` or
+    ``"name.h"``), which the cache key must cover too."""
     found = [source_path]
     for line in source_path.read_text().splitlines():
         if line.startswith('#include "'):
@@ -122,16 +126,25 @@ def build(out_dir: Path | None = None, source_path: Path = SOURCE) -> Path:
     return target
 
 
+def _symbol(source_path: Path, name: str, what: str, log: Callable[[str], None] = logger.info):
+    """The function ``name`` of the library built from ``source_path``; None, logged as ``what``
+    has no native kernel, when it cannot be built or loaded."""
+    try:
+        return getattr(ctypes.CDLL(str(build(source_path=source_path))), name)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
+        log(f"{what}: no native kernel ({err})")
+        return None
+
+
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _ARGTYPES = [_P, _I, _I, _P, _P, _I, _P, _I, _P, _P, ctypes.c_float, _I, _I, _I, _I, _I, _P, ctypes.c_int]
 
 DecodeKernel = Callable[..., Tensor]
 
 
-def load(path: Path) -> DecodeKernel:
-    """The kernel in the library at ``path`` as ``kernel(query, key_cache, value_cache,
-    block_tables, seq_lens, scale, alibi_slopes) -> [B, heads, head_dim]`` float32."""
-    fn = ctypes.CDLL(str(path)).paged_decode_f32
+def _decode(fn) -> DecodeKernel:
+    """``paged_decode_f32`` as ``kernel(query, key_cache, value_cache, block_tables, seq_lens,
+    scale, alibi_slopes) -> [B, heads, head_dim]`` float32."""
     fn.argtypes = _ARGTYPES
     fn.restype = ctypes.c_int64
 
@@ -172,13 +185,11 @@ def load(path: Path) -> DecodeKernel:
 @functools.lru_cache(maxsize=1)
 def decode_kernel() -> DecodeKernel | None:
     """The native kernel, built and loaded once per process; None (logged) when it cannot be."""
-    try:
-        kernel = load(build())
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
-        logger.warning(f"CPU decode attention: PyTorch ops (the native kernel is unavailable: {err})")
+    fn = _symbol(SOURCE, "paged_decode_f32", "CPU decode attention (PyTorch ops)", logger.warning)
+    if fn is None:
         return None
     logger.info("CPU decode attention: native kernel (device_kernels/cpu_decode.c)")
-    return kernel
+    return _decode(fn)
 
 
 # ---------------------------------------------------------------------------------- the linear
@@ -186,10 +197,9 @@ LinearKernel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 _LINEAR_ARGTYPES = [_P, _I, _P, _I, _P, _P, _I, _I, _I, ctypes.c_int]
 
 
-def load_linear(path: Path) -> LinearKernel | None:
-    """``kernel(x, weight, bias) = F.linear(x, weight, bias)`` for float32 CPU tensors, from the
-    library at ``path``; None when that library was built without AVX-512 (it says so)."""
-    fn = ctypes.CDLL(str(path)).linear_nt_f32
+def _linear(fn) -> LinearKernel | None:
+    """``linear_nt_f32`` as ``kernel(x, weight, bias) = F.linear(x, weight, bias)`` for float32
+    CPU tensors; None when its library was built without AVX-512 (it says so)."""
     fn.argtypes = _LINEAR_ARGTYPES
     fn.restype = ctypes.c_int64
     probe, probe_out = torch.zeros(1, 1), torch.empty(1, 1)  # both alive across the call
@@ -221,12 +231,9 @@ def load_linear(path: Path) -> LinearKernel | None:
 def linear_kernel() -> LinearKernel | None:
     """The native linear, built and loaded once per process; None (logged) where it cannot be
     built or this CPU has no AVX-512."""
-    try:
-        kernel = load_linear(build(source_path=GEMM_SOURCE))
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
-        logger.info(f"CPU linears: no native kernel ({err})")
-        return None
-    if kernel is None:
+    fn = _symbol(GEMM_SOURCE, "linear_nt_f32", "CPU linears")
+    kernel = None if fn is None else _linear(fn)
+    if fn is not None and kernel is None:
         logger.info("CPU linears: no native kernel (built without AVX-512)")
     return kernel
 
@@ -261,10 +268,8 @@ BLOOM_OK, BLOOM_BAD_SLOT, BLOOM_BAD_TABLE, BLOOM_NO_MEMORY, BLOOM_NO_AVX512 = 0,
 def bloom_kernel() -> Callable[..., int] | None:
     """``bloom_blocks_f32(hidden_ptr, blocks, count, step) -> code`` (``cpu_bloom.c``), built and
     loaded once per process; None (logged) where it cannot be built or this CPU has no AVX-512."""
-    try:
-        fn = ctypes.CDLL(str(build(source_path=BLOOM_SOURCE))).bloom_blocks_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as err:
-        logger.info(f"BLOOM one-token blocks: no native kernel ({err})")
+    fn = _symbol(BLOOM_SOURCE, "bloom_blocks_f32", "BLOOM one-token blocks")
+    if fn is None:
         return None
     fn.argtypes = [_P, ctypes.POINTER(BloomBlock), _I, ctypes.POINTER(BloomStep)]
     fn.restype = ctypes.c_int64
@@ -272,3 +277,38 @@ def bloom_kernel() -> Callable[..., int] | None:
         logger.info("BLOOM one-token blocks: no native kernel (built without AVX-512)")
         return None
     return fn
+
+
+# ---------------------------------------------------------------------------------- greedy sampling
+GreedyKernel = Callable[[Tensor], "tuple[Tensor, Tensor] | None"]
+
+
+@functools.lru_cache(maxsize=1)
+def greedy_kernel() -> GreedyKernel | None:
+    """``kernel(scores) -> (ids, logprobs)``: per row of float32 CPU ``scores`` [B, V], the first
+    index of its maximum (int64, as numpy's ``argmax``) and ``log_softmax`` (``cpu_sample.c``);
+    None from the kernel where a row holds a NaN or +inf or only -inf (the caller's torch ops
+    decide those). Built and loaded once per process; None (logged) where it cannot be built or
+    this CPU has no AVX-512."""
+    fn = _symbol(SAMPLE_SOURCE, "log_softmax_argmax_f32", "greedy sampling")
+    if fn is None:
+        return None
+    fn.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
+    fn.restype = ctypes.c_int64
+    if fn(None, 0, 0, None, None, 1) == -4:
+        logger.info("greedy sampling: no native kernel (built without AVX-512)")
+        return None
+
+    def greedy(scores: Tensor) -> tuple[Tensor, Tensor] | None:
+        if scores.dtype != torch.float32 or scores.dim() != 2 or not scores.is_contiguous():
+            raise TypeError(f"the native greedy step takes contiguous float32 [B, V] scores, not "
+                            f"{scores.dtype} {list(scores.shape)}")
+        rows, cols = scores.shape
+        logprobs = torch.empty_like(scores)
+        ids = torch.empty(rows, dtype=torch.int64)
+        rc = fn(scores.data_ptr(), rows, cols, logprobs.data_ptr(), ids.data_ptr(), torch.get_num_threads())
+        if rc == -3:
+            raise MemoryError("the native greedy step could not allocate its per-chunk sums")
+        return (ids, logprobs) if rc == 0 else None
+
+    return greedy
