@@ -1,5 +1,6 @@
-/* BLOOM's decoder blocks for one token (a batch-1 decode step), float32, on an AVX-512 CPU: the
- * whole stack of blocks in one call, instead of a dozen PyTorch ops and module calls per block.
+/* BLOOM's decoder for one token (a batch-1 decode step), float32, on an AVX-512 CPU: the token's
+ * embedding and its LayerNorm, the whole stack of blocks and the final LayerNorm in one call
+ * (bloom_token_f32), instead of a dozen PyTorch ops and module calls per block.
  *
  * Loaded by device_kernels/cpu_native.py (built like cpu_decode.c, which it includes with
  * cpu_gemm.c: the same attention and the same one-row GEMV the unfused path runs) and called by
@@ -42,6 +43,10 @@ struct bloom_step {
     int64_t slot; /* -1: don't store */
     float *scratch; /* 7 * hidden + inter floats */
     int nthreads;
+    /* bloom_token_f32 only: the token, the embedding table [vocab, hidden] and the LayerNorms
+     * before the first block and after the last */
+    const float *embed, *embed_ln_w, *embed_ln_b, *final_ln_w, *final_ln_b;
+    int64_t vocab, token;
 };
 
 #if defined(__AVX512F__)
@@ -112,11 +117,30 @@ int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t cou
     return 0;
 }
 
+/* The token s->token through the whole decoder: its embedding row, that LayerNorm, the `count`
+ * blocks, the final LayerNorm, into out [hidden] (the residual stream in between). Returns
+ * bloom_blocks_f32's codes, and -5 when the token is outside the vocabulary. */
+int64_t bloom_token_f32(float *out, const struct bloom_block *blocks, int64_t count,
+                        const struct bloom_step *s) {
+    if (s->token < 0 || s->token >= s->vocab) return -5;
+    layer_norm(s->embed + s->token * s->hidden, s->embed_ln_w, s->embed_ln_b, s->eps, out, s->hidden);
+    const int64_t rc = bloom_blocks_f32(out, blocks, count, s);
+    if (rc != 0) return rc;
+    layer_norm(out, s->final_ln_w, s->final_ln_b, s->eps, out, s->hidden); /* in place: y after x */
+    return 0;
+}
+
 #else /* no AVX-512 at build time: the Python side sees -4 and keeps the unfused path */
 
 int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t count,
                          const struct bloom_step *s) {
     (void)h; (void)blocks; (void)count; (void)s;
+    return -4;
+}
+
+int64_t bloom_token_f32(float *out, const struct bloom_block *blocks, int64_t count,
+                        const struct bloom_step *s) {
+    (void)out; (void)blocks; (void)count; (void)s;
     return -4;
 }
 

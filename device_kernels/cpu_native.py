@@ -250,25 +250,28 @@ class BloomBlock(ctypes.Structure):
 
 
 class BloomStep(ctypes.Structure):
-    """``struct bloom_step`` of ``cpu_bloom.c``: the shapes, and the one sequence of the step."""
+    """``struct bloom_step`` of ``cpu_bloom.c``: the shapes, the one sequence of the step, and the
+    token with the embedding table and the LayerNorms around the blocks."""
 
     _fields_ = [
         *[(name, _I) for name in ("hidden", "inter", "heads", "head_dim", "block_size", "num_blocks")],
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("residual_after_norm", ctypes.c_int32),
         ("slopes", _P), ("table", _P), ("max_blocks", _I), ("len", ctypes.c_int32), ("slot", _I),
         ("scratch", _P), ("nthreads", ctypes.c_int),
+        *[(name, _P) for name in ("embed", "embed_ln_w", "embed_ln_b", "final_ln_w", "final_ln_b")],
+        ("vocab", _I), ("token", _I),
     ]
 
 
-# bloom_blocks_f32's return codes (cpu_bloom.c)
-BLOOM_OK, BLOOM_BAD_SLOT, BLOOM_BAD_TABLE, BLOOM_NO_MEMORY, BLOOM_NO_AVX512 = 0, -1, -2, -3, -4
+# bloom_token_f32's return codes (cpu_bloom.c)
+BLOOM_OK, BLOOM_BAD_SLOT, BLOOM_BAD_TABLE, BLOOM_NO_MEMORY, BLOOM_NO_AVX512, BLOOM_BAD_TOKEN = 0, -1, -2, -3, -4, -5
 
 
 @functools.lru_cache(maxsize=1)
 def bloom_kernel() -> Callable[..., int] | None:
-    """``bloom_blocks_f32(hidden_ptr, blocks, count, step) -> code`` (``cpu_bloom.c``), built and
+    """``bloom_token_f32(out_ptr, blocks, count, step) -> code`` (``cpu_bloom.c``), built and
     loaded once per process; None (logged) where it cannot be built or this CPU has no AVX-512."""
-    fn = _symbol(BLOOM_SOURCE, "bloom_blocks_f32", "BLOOM one-token blocks")
+    fn = _symbol(BLOOM_SOURCE, "bloom_token_f32", "BLOOM one-token blocks")
     if fn is None:
         return None
     fn.argtypes = [_P, ctypes.POINTER(BloomBlock), _I, ctypes.POINTER(BloomStep)]

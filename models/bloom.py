@@ -210,9 +210,9 @@ class BloomForCausalLM(CausalLM):
         meta: AttentionMetadata,
     ) -> Tensor:
         # ALiBi: positions enter through the attention bias, which the backend derives from meta.
+        if self.one_token is not None and self.one_token.takes(input_ids, kv_caches, meta):
+            return self.one_token(input_ids, kv_caches, meta)  # embedding to ln_f, in one call
         hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids))  # [T, hidden]
-        if self.one_token is not None and self.one_token.takes(hidden, kv_caches, meta):
-            return self.ln_f(self.one_token(hidden, kv_caches, meta))
         for block, kv_cache in zip(self.h, kv_caches, strict=True):
             hidden = block(hidden, kv_cache, meta)
         return self.ln_f(hidden)

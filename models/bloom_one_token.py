@@ -1,16 +1,17 @@
-"""BLOOM's decoder blocks for a decode step of one sequence, in one native call per step
-(``device_kernels/cpu_bloom.c``) instead of a dozen PyTorch ops and module calls per block.
+"""BLOOM's decoder for a decode step of one sequence, in one native call per step
+(``device_kernels/cpu_bloom.c``: the token's embedding and its LayerNorm, every block, the final
+LayerNorm) instead of a dozen PyTorch ops and module calls per block.
 
 Only where that is the same computation as the blocks': a float32 CPU model on one rank, every
 decoder linear float and plain, its attention backend the CPU one with its native decode kernel,
 and a float32 KV cache; and only where it measures faster. The float32 kernels must have been
 measured at load (``TGI_NPU_CPU_GEMM=auto``, ``cpu_gemm.calibrate``; a model small enough to stay
 packed, or ``packed``/``plain`` named by the operator, keeps its blocks), and then one step of
-the blocks and one native step are timed, alternated (``time_steps``): the native blocks run the
+the PyTorch decoder and one native step are timed, alternated (``time_steps``): the native blocks run the
 native one-row GEMV, which the calibration's single-weight probe may put a few percent either
 side of MKL's, and save each block's dispatch, which it does not see. ``BloomOneToken.for_model``
 says what it found; ``BloomForCausalLM.forward`` calls it for a DECODE pass of one token and
-runs its blocks otherwise. ``tests/models/test_bloom_one_token.py`` checks it against those
+runs its modules otherwise. ``tests/models/test_bloom_one_token.py`` checks it against those
 blocks and HF.
 """
 
@@ -56,12 +57,17 @@ class BloomOneToken:
                     setattr(b, f"{name}_ld", w.stride(0))
         slopes = first.self_attention.attn.alibi_slopes
         self._kept.append(slopes)
+        embed, embed_ln, final_ln = model.word_embeddings.weight.data, model.word_embeddings_layernorm, model.ln_f
+        self._kept += [embed, embed_ln.weight.data, embed_ln.bias.data, final_ln.weight.data, final_ln.bias.data]
         self.scratch = torch.empty(7 * cfg.hidden_size + cfg.intermediate_size, dtype=torch.float32)
         self.step = cpu_native.BloomStep(
             hidden=cfg.hidden_size, inter=cfg.intermediate_size, heads=first.self_attention.local_heads,
             head_dim=cfg.head_dim, eps=cfg.norm_eps, scale=first.self_attention.attn.scale,
             residual_after_norm=int(first.residual_after_norm), slopes=_ptr(slopes),
             scratch=_ptr(self.scratch), nthreads=1,
+            embed=_ptr(embed), embed_ln_w=_ptr(embed_ln.weight.data), embed_ln_b=_ptr(embed_ln.bias.data),
+            final_ln_w=_ptr(final_ln.weight.data), final_ln_b=_ptr(final_ln.bias.data),
+            vocab=embed.shape[0],
         )
 
     @classmethod
@@ -76,12 +82,12 @@ class BloomOneToken:
             return None, "the native kernel is not available here (needs AVX-512 and a C compiler)"
         native = cls(model, kernel)
         blocks, fused = time_steps(model, native)
-        measured = f"measured: the blocks {blocks * 1e3:.2f} ms a step, native {fused * 1e3:.2f} ms"
+        measured = f"measured: the modules {blocks * 1e3:.2f} ms a step, native {fused * 1e3:.2f} ms"
         return (native, measured) if fused < blocks else (None, measured)
 
-    def takes(self, hidden: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> bool:
+    def takes(self, input_ids: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> bool:
         """A DECODE pass of one token over float32 caches in the CPU backend's layout."""
-        if meta.phase is not Phase.DECODE or hidden.shape[0] != 1:
+        if meta.phase is not Phase.DECODE or input_ids.shape[0] != 1:
             return False
         k, v = kv_caches[0]
         return k.dtype == v.dtype == torch.float32
@@ -101,10 +107,10 @@ class BloomOneToken:
             b.key_cache, b.value_cache = _ptr(k), _ptr(v)
         s.num_blocks, s.block_size = shape[0], shape[2]
 
-    def __call__(self, hidden: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> Tensor:
-        """``hidden`` [1, hidden] (after the embedding's LayerNorm) through every block."""
+    def __call__(self, input_ids: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> Tensor:
+        """The token ``input_ids`` [1] through the decoder: [1, hidden] after the final LayerNorm."""
         self._bind(kv_caches)
-        h = hidden.to(torch.float32, copy=True).contiguous()
+        out = torch.empty(1, self.step.hidden, dtype=torch.float32)
         table = meta.block_tables
         if table.dtype != torch.int32 or not table.is_contiguous():
             table = table.to(torch.int32).contiguous()
@@ -112,10 +118,11 @@ class BloomOneToken:
         s.table, s.max_blocks = _ptr(table), table.shape[1]
         s.len, s.slot = meta.seq_lens_list[0], int(meta.slot_mapping[0])
         s.nthreads = torch.get_num_threads()
-        rc = self.kernel(_ptr(h), self.blocks, self.count, ctypes.byref(s))
+        s.token = int(input_ids[0])
+        rc = self.kernel(_ptr(out), self.blocks, self.count, ctypes.byref(s))
         if rc != cpu_native.BLOOM_OK:
             raise _error(rc, s, table)
-        return h
+        return out
 
 
 def _error(rc: int, s: cpu_native.BloomStep, table: Tensor) -> Exception:
@@ -126,6 +133,8 @@ def _error(rc: int, s: cpu_native.BloomStep, table: Tensor) -> Exception:
             f"{s.len} tokens do not fit the block table row {table[0].tolist()} in a cache of "
             f"{s.num_blocks} blocks of {s.block_size}"
         )
+    if rc == cpu_native.BLOOM_BAD_TOKEN:
+        return IndexError(f"token id {s.token} is outside the vocabulary (ids 0 to {s.vocab - 1})")
     if rc == cpu_native.BLOOM_NO_MEMORY:
         return MemoryError("the native BLOOM blocks could not allocate their attention buffers")
     return RuntimeError(f"the native BLOOM blocks failed ({rc})")
@@ -137,6 +146,9 @@ def _not_eligible(model) -> str:
         return f"runs in {model.dtype} on {model.device.type}, not float32 on the CPU"
     if model.parallel.is_parallel:
         return "tensor parallel"
+    embed = model.word_embeddings.weight
+    if embed.is_mkldnn or embed.dtype != torch.float32 or not embed.is_contiguous():
+        return "the embedding table is not a plain float32 one"
     backend = model.backend
     if not isinstance(backend, CpuBackend) or backend.native is None:
         return "the attention backend is not the CPU one with its native decode kernel"
@@ -159,8 +171,9 @@ TIMING_REPEATS = 3
 
 
 def time_steps(model, native: BloomOneToken, repeats: int = TIMING_REPEATS) -> tuple[float, float]:
-    """Seconds for one token through ``model``'s blocks, and through ``native``, alternated
-    ``repeats`` times (medians), over a scratch KV cache of two blocks holding a few tokens."""
+    """Seconds for one token through ``model``'s decoder modules (embedding to final LayerNorm),
+    and through ``native``, alternated ``repeats`` times (medians), over a scratch KV cache of two
+    blocks holding a few tokens."""
     backend, bs = model.backend, MIN_BLOCK_SIZE
     caches = [
         backend.allocate_kv_cache(2, bs, model.num_kv_heads, model.head_dim, torch.float32, model.device)
@@ -170,17 +183,18 @@ def time_steps(model, native: BloomOneToken, repeats: int = TIMING_REPEATS) -> t
         phase=Phase.DECODE, slot_mapping=[bs + 4], block_tables=[[1]], context_lens=[4],
         query_lens=[1], block_size=bs, device=model.device,
     )
-    hidden = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    token = torch.tensor([model.config.vocab_size // 2])
 
     def blocks() -> None:
-        h = hidden
+        h = model.word_embeddings_layernorm(model.word_embeddings(token))
         for block, kv in zip(model.h, caches, strict=True):
             h = block(h, kv, meta)
+        model.ln_f(h)
 
     times: dict[str, list[float]] = {"blocks": [], "native": []}
     with torch.inference_mode():
         meta = backend.prepare(meta)
-        runs = {"blocks": blocks, "native": lambda: native(hidden, caches, meta)}
+        runs = {"blocks": blocks, "native": lambda: native(token, caches, meta)}
         for run in runs.values():  # untimed first calls
             run()
         for _ in range(repeats):

@@ -129,8 +129,8 @@ def test_only_a_decode_step_of_one_sequence_runs_natively(bloom_dir, monkeypatch
             block_tables=[[1, 2]] * len(lens), context_lens=[c for c, _ in lens],
             query_lens=[q for _, q in lens], block_size=BLOCK_SIZE, device=CPU)
 
-    one = torch.zeros(1, model.config.hidden_size)
-    two = torch.zeros(2, model.config.hidden_size)
+    one = torch.tensor([5])
+    two = torch.tensor([5, 6])
     assert one_token.takes(one, caches, meta(Phase.DECODE, [(5, 1)]))
     assert not one_token.takes(two, caches, meta(Phase.DECODE, [(5, 1), (7, 1)]))
     assert not one_token.takes(one, caches, meta(Phase.PREFILL, [(0, 1)]))
@@ -138,11 +138,12 @@ def test_only_a_decode_step_of_one_sequence_runs_natively(bloom_dir, monkeypatch
 
 
 @needs_kernel
-def test_a_slot_or_a_length_outside_the_cache_is_refused_in_words(bloom_dir, monkeypatch):
+def test_a_slot_a_length_or_a_token_outside_the_cache_is_refused_in_words(bloom_dir, monkeypatch):
     model = _load(bloom_dir, monkeypatch)
     caches = PagedRunner(model).caches
     num_blocks = caches[0][0].shape[0]
-    hidden = torch.zeros(1, model.config.hidden_size)
+    token = torch.tensor([7])
+    vocab = model.config.vocab_size
 
     def meta(slot, tokens, table):
         return AttentionMetadata.build(
@@ -150,16 +151,19 @@ def test_a_slot_or_a_length_outside_the_cache_is_refused_in_words(bloom_dir, mon
             context_lens=[tokens - 1], query_lens=[1], block_size=BLOCK_SIZE, device=CPU)
 
     with pytest.raises(IndexError, match=f"slot {num_blocks * BLOCK_SIZE} is outside the KV cache"):
-        model.one_token(hidden, caches, meta(num_blocks * BLOCK_SIZE, 3, [1]))
+        model.one_token(token, caches, meta(num_blocks * BLOCK_SIZE, 3, [1]))
     with pytest.raises(IndexError, match=r"40 tokens do not fit the block table row \[1, 2\]"):
-        model.one_token(hidden, caches, meta(17, 40, [1, 2]))
+        model.one_token(token, caches, meta(17, 40, [1, 2]))
     with pytest.raises(IndexError, match="do not fit the block table row"):
-        model.one_token(hidden, caches, meta(17, 3, [num_blocks + 5]))
+        model.one_token(token, caches, meta(17, 3, [num_blocks + 5]))
+    for bad in (vocab, -1):
+        with pytest.raises(IndexError, match=rf"token id {bad} is outside the vocabulary \(ids 0 to {vocab - 1}\)"):
+            model.one_token(torch.tensor([bad]), caches, meta(17, 3, [1]))
     wrong = [(k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for k, v in caches]
     with pytest.raises(ValueError, match="the native BLOOM blocks take"):
-        model.one_token(hidden, wrong, meta(17, 3, [1]))
+        model.one_token(token, wrong, meta(17, 3, [1]))
     # the model still serves
-    out = model.one_token(hidden, caches, meta(17, 3, [1]))
+    out = model.one_token(token, caches, meta(17, 3, [1]))
     assert out.shape == (1, model.config.hidden_size) and bool(torch.isfinite(out).all())
 
 
