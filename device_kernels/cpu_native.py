@@ -4,7 +4,7 @@ caches; a float32 linear for a decode step's rows (``cpu_gemm.c``, AVX-512 only)
 load-time calibration of ``models/layers/cpu_gemm.py`` may choose; and BLOOM's decoder blocks for
 one token (``cpu_bloom.c``, AVX-512 only; it includes the other two), which
 ``models/bloom_one_token.py`` runs where it measures faster; and the all-greedy sampling step,
-argmax and log_softmax in one call (``cpu_sample.c``, AVX-512 only), which ``sampling.py`` runs on
+argmax and log_softmax in one call (``cpu_sample.c``, AVX-512 only), which ``logprobs.py`` runs on
 float32 CPU scores. ``cpu_simd.h`` holds what the AVX-512 files share.
 
 Why native: a decode step's attention reads each sequence's blocks once per layer, a few hundred

@@ -23,16 +23,16 @@ import torch
 from loguru import logger
 
 from .batch import Batch, BatchContext
-from .settings import ShardSettings, TextSettings
 from .batch_cache import BatchCache
 from .distributed import ParallelContext
 from .errors import InvalidRequestError, is_device_oom
-from .kv_cache import KVCache, KVCacheSpec
+from .kv_cache import KVCache
 from .kv_sizing import size_kv_pool
+from .logprobs import chosen_to_host, top_n_tokens
 from .model_runner import ModelRunner
 from .outputs import CachedBatch, Generation, Info, StepOutput, Tokens
 from .request import Request, RequestSpec
-from .sampling import chosen_to_host, top_n_tokens
+from .settings import ShardSettings, TextSettings
 
 
 def _now() -> int:

@@ -5,7 +5,9 @@ Follows TGI's ``HeterogeneousNextTokenChooser`` (``server/text_generation_server
 grammar mask -> warpers (temperature, top-k, top-p, typical-p) -> choice, and returns
 ``log_softmax`` of the *warped* scores as TGI does (for a grammar request: of the masked
 scores, so forbidden tokens have logprob ``-inf``). Everything is batched over the vocabulary; the only loops are over
-requests that need their own random generator (sampling rows, watermark rows).
+requests that need their own random generator (sampling rows, watermark rows). The reductions over
+the vocabulary (argmax, ``log_softmax``) and what the generator reads of the result (the chosen
+tokens' logprobs, the top-n) are in ``logprobs.py``.
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import chain
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import warpers
 from .grammar import GrammarMasks, GrammarState
-from .kernels.cpu_native import greedy_kernel
-from .warpers import NEG_INF
+from .logprobs import argmax, greedy, log_softmax
 
 # NOTE: TGI utils/watermark.py: "a large prime number to create a rng seed with sufficient bit
 # width".
@@ -218,7 +218,7 @@ class TokenChooser:
             # all-greedy path below serve grammar requests too.
             scores = self._masks(scores)
         if self._plain_greedy:  # the all-greedy fast path: no processor, no warper applies
-            return _greedy(scores)
+            return greedy(scores)
         if self._watermark:
             scores = scores + self.watermark_delta * self._green_mask(input_ids, vocab)
         if self._repetition_on or self._frequency_on:
@@ -236,7 +236,7 @@ class TokenChooser:
                 # use each row's own sequence, so a request's result does not depend on its batch.
                 scores = scores - counts / lengths * self._frequency
         scores = self._warp(scores)
-        logprobs = _log_softmax(scores)  # [B, V]
+        logprobs = log_softmax(scores)  # [B, V]
         return self._choose(scores), logprobs
 
     def _green_mask(self, input_ids: list[list[int]], vocab: int) -> Tensor:
@@ -286,7 +286,7 @@ class TokenChooser:
         """Greedy argmax for every row, then TGI's exponential trick for the sampling rows:
         ``argmax(probs / q)``, ``q ~ Exponential(1)``, is a draw from ``probs`` without the
         device sync of ``torch.multinomial``."""
-        next_ids = _argmax(scores)  # [B]
+        next_ids = argmax(scores)  # [B]
         if not self._sampling_rows:
             return next_ids
         vocab = scores.shape[-1]
@@ -353,82 +353,3 @@ class TokenChooser:
             generators=[_clone_generator(g) for c in choosers for g in c.generators],
             grammars=[g for c in choosers for g in c.grammars],
         )
-
-
-def _native_greedy(scores: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(argmax, log_softmax)`` of float32 CPU ``scores`` from the native kernel
-    (``device_kernels/cpu_sample.c``); None where it does not run (another device or dtype, no
-    kernel here, a row with a NaN, +inf or only -inf). A row's results are the same bits in any
-    batch and with any number of threads."""
-    if scores.device.type != "cpu" or scores.dtype != torch.float32 or not scores.is_contiguous():
-        return None
-    kernel = greedy_kernel()
-    return None if kernel is None else kernel(scores)
-
-
-def _greedy(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """``_argmax(scores)`` and ``_log_softmax(scores)``, in one native call where it runs (3x faster
-    than the two on one row of a 250,880-token vocabulary, 1.6x on 32)."""
-    picked = _native_greedy(scores)
-    return picked if picked is not None else (_argmax(scores), torch.log_softmax(scores, dim=-1))
-
-
-def _log_softmax(scores: Tensor) -> Tensor:
-    """``log_softmax(scores, -1)``: the native kernel's where it runs, so that a greedy row gets the
-    same bits on the general path as on the all-greedy one."""
-    picked = _native_greedy(scores)
-    return picked[1] if picked is not None else torch.log_softmax(scores, dim=-1)
-
-
-def _argmax(scores: Tensor) -> Tensor:
-    """``scores.argmax(-1)``: the first maximum of each row (a NaN counts as the maximum).
-
-    NOTE: on the CPU numpy's ``argmax`` does this far faster than torch's reductions with an index,
-    which do not vectorise over a row: measured single-threaded on float32 ``[32, 512]`` 3.5 us
-    against 49 us for ``max(dim).indices`` and 76 us for ``argmax``, and on ``[32, 250880]`` 3.4
-    against 18.9 ms. Elsewhere ``max(dim)``: the same index as ``argmax``, documented so."""
-    if scores.device.type == "cpu" and scores.dtype == torch.float32:
-        return torch.from_numpy(scores.detach().numpy().argmax(-1))
-    return scores.max(dim=-1).indices
-
-
-def chosen_to_host(logprobs: Tensor, next_ids: Tensor) -> tuple[list[int], list[float]]:
-    """The chosen ids and the logprob of each, as host lists: the step's device -> host copy.
-
-    NOTE: on the CPU, numpy's fancy indexing of the two arrays, after ``_argmax`` has used numpy,
-    instead of ``gather`` + ``squeeze`` and two tensor ``tolist`` calls: a handful of torch
-    operations that each cost tens of microseconds right after a forward pass has evicted the
-    host code from the CPU caches (benchmarks/bench_host.py). Same float32 values."""
-    if logprobs.device.type == "cpu" and logprobs.dtype == torch.float32:
-        ids = next_ids.numpy()
-        return ids.tolist(), logprobs.numpy()[np.arange(len(ids)), ids].tolist()
-    picked = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-    return next_ids.tolist(), picked.tolist()
-
-
-def top_n_tokens(logprobs: Tensor, top_n: list[int]) -> list[tuple[list[int], list[float]]]:
-    """TGI's ``batch_top_tokens``: per row the ``n`` most likely tokens plus every token tied
-    with the n-th ("fuzzy" top-n, so more than ``n`` can come back), by descending logprob
-    (ties by ascending token id); rows with ``n == 0`` get empty lists.
-
-    ``logprobs``: ``[B, V]``; ``top_n``: ``B`` requested counts.
-    """
-    batch, vocab = logprobs.shape
-    if len(top_n) != batch:
-        raise ValueError(f"top_n has {len(top_n)} entries for a batch of {batch} rows")
-    if max(top_n, default=0) <= 0:
-        return [([], []) for _ in range(batch)]
-    n = torch.tensor([min(max(x, 0), vocab) for x in top_n], device=logprobs.device)  # [B]
-    sorted_top = torch.topk(logprobs, k=int(n.max()), dim=-1).values  # [B, n_max]
-    nth = sorted_top.gather(1, (n - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
-    # NOTE: TGI: a -inf n-th value would admit every -inf token; use the lowest finite instead.
-    nth = nth.masked_fill(nth == NEG_INF, torch.finfo(logprobs.dtype).min)
-    counts = (logprobs >= nth).sum(dim=1).masked_fill(n == 0, 0)  # [B]
-    k = max(int(counts.max()), 1)
-    top = torch.topk(logprobs, k=k, dim=-1)  # [B, k]
-    # topk does not order ties: order by token id, then stably by descending value.
-    by_id, perm = top.indices.sort(dim=-1)
-    order = top.values.gather(1, perm).sort(dim=-1, descending=True, stable=True).indices
-    ids = by_id.gather(1, order).tolist()
-    values = top.values.gather(1, perm).gather(1, order).tolist()
-    return [(ids[i][:c], values[i][:c]) for i, c in enumerate(counts.tolist())]

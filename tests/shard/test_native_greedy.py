@@ -1,5 +1,5 @@
 """The all-greedy sampling step's native kernel (``device_kernels/cpu_sample.c``) against numpy's
-argmax and a float64 log_softmax, and the chooser's use of it (``sampling._greedy``)."""
+argmax and a float64 log_softmax, and the chooser's use of it (``logprobs.greedy``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from tgi_npu_backend.kernels.cpu_native import greedy_kernel
 
-from tgi_npu_backend import sampling
+from tgi_npu_backend import logprobs as lp
 from tgi_npu_backend.sampling import SamplingParams, TokenChooser
 
 KERNEL = greedy_kernel()
@@ -132,19 +132,19 @@ def test_chooser_runs_it_on_float32_cpu_scores_only(monkeypatch):
         calls.append(scores.shape)
         return None if KERNEL is None else KERNEL(scores)
 
-    monkeypatch.setattr(sampling, "greedy_kernel", lambda: spy)
+    monkeypatch.setattr(lp, "greedy_kernel", lambda: spy)
     chooser = TokenChooser([SamplingParams()] * 2)
     logits = torch.randn(2, 500, generator=torch.Generator().manual_seed(3))
     ids, logprobs = chooser(logits.half())
     assert calls == [(2, 500)]
     assert ids.tolist() == logits.half().float().numpy().argmax(-1).tolist()
     torch.testing.assert_close(logprobs, torch.log_softmax(logits.half().float(), -1))
-    assert sampling._greedy(logits.t().contiguous().t())[0].tolist() == logits.numpy().argmax(-1).tolist()
+    assert lp.greedy(logits.t().contiguous().t())[0].tolist() == logits.numpy().argmax(-1).tolist()
     assert calls == [(2, 500)]  # a non-contiguous view: torch's ops
 
 
 def test_without_the_kernel_the_chooser_uses_torch(monkeypatch):
-    monkeypatch.setattr(sampling, "greedy_kernel", lambda: None)
+    monkeypatch.setattr(lp, "greedy_kernel", lambda: None)
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(4))
     ids, logprobs = TokenChooser([SamplingParams()] * 4)(logits)
     assert torch.equal(ids, torch.from_numpy(np.asarray(logits.numpy().argmax(-1))))

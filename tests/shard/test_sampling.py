@@ -16,12 +16,8 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from tgi_npu_backend.sampling import (
-    WATERMARK_HASH_KEY,
-    SamplingParams,
-    TokenChooser,
-    top_n_tokens,
-)
+from tgi_npu_backend.logprobs import top_n_tokens
+from tgi_npu_backend.sampling import WATERMARK_HASH_KEY, SamplingParams, TokenChooser
 
 VOCAB = 64
 
