@@ -1,6 +1,7 @@
 """``text-generation-server``: the command the stock TGI launcher runs (``serve``, ``download-weights``).
 
-This is the only module that reads the environment; it builds a frozen ServerConfig.
+This is the only module that reads the shard's settings from the environment; it builds a frozen
+ServerConfig (``config.py`` lists the three build-location variables read where they are used).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """The shard's configuration: flags and environment, read once at the edge into a frozen dataclass.
 
-``cli.py`` is the only module that reads ``os.environ``; it hands the mapping to
-``ServerConfig.from_cli``. Everything downstream receives this object.
+``cli.py`` is the only module that reads the shard's settings from ``os.environ``; it hands the
+mapping to ``ServerConfig.from_cli``. Everything downstream receives this object. Three variables
+that say where files are built and kept, not how the shard serves, are read where they are used,
+as build tools read them: ``CC`` (the C compiler for the CPU path's native kernels,
+``device_kernels/cpu_native.py``), ``XDG_CACHE_HOME`` (``user_cache.py``) and
+``TGI_NPU_DEMO_CACHE`` (the demo's checkpoints, ``demo_training.py``).
 """
 
 from __future__ import annotations
@@ -9,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import launcher_env
 from tgi_npu_backend.models.layers.cpu_gemm import MODES as CPU_GEMM_MODES
+from tgi_npu_backend.models.layers.quant.detect import check_flag as check_quantize
+
+from . import launcher_env
 
 CPU_ATTENTION_MODES = ("auto", "torch")
-from tgi_npu_backend.models.layers.quant.detect import check_flag as check_quantize
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "npu", "npu-emulated")
