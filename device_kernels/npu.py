@@ -36,36 +36,11 @@ import torch
 from loguru import logger
 from torch import Tensor
 
+from . import npu_masks as masks
 from .base import AttentionMetadata, Phase, plan_of, with_plan
+from .npu_masks import alibi_groups
 from .npu_platform import FUSED_DTYPES, load_torch_npu, recommended_block_size
 from .reference import ReferenceBackend
-
-# Masked-out score in the masks we build. NOTE: op-plugin's own fp16 ALiBi golden uses -10000 and
-# the bf16 one -inf; a large finite value behaves like -inf after softmax and never makes NaN.
-_MASKED = {torch.float16: -10000.0, torch.bfloat16: float("-inf")}
-
-
-def alibi_groups(seq_lens: list[int]) -> list[tuple[int, int]]:
-    """Cut a prefill batch into runs ``[start, stop)`` of sequences sharing one ALiBi mask.
-
-    A run of ``n`` sequences whose longest is ``s`` needs an ``[n, heads, s, s]`` mask; a run is
-    closed before ``n * s * s`` would exceed ``max(S_max ** 2, 4096)`` (S_max: the longest
-    sequence of the pass). So every mask is at most one longest-sequence mask, and the masks of a
-    step add up to at most ``S_max * total_tokens`` per head (each sequence contributes at most
-    ``S_max * len``), where ``[B, heads, S_max, S_max]`` was ``B * S_max ** 2``.
-    """
-    budget = max(max(seq_lens, default=0) ** 2, 4096)
-    groups: list[tuple[int, int]] = []
-    start, longest = 0, 0
-    for i, n in enumerate(seq_lens):
-        grown = max(longest, n)
-        if i > start and (i - start + 1) * grown * grown > budget:
-            groups.append((start, i))
-            start, grown = i, n
-        longest = grown
-    if seq_lens:
-        groups.append((start, len(seq_lens)))
-    return groups
 
 
 class NpuObserver(Protocol):
@@ -74,13 +49,6 @@ class NpuObserver(Protocol):
     def record_fallback(self, op: str, reason: str) -> None: ...
 
     def record_mask(self, name: str, tensor: Tensor) -> None: ...
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    """A small host tensor to the device without blocking the host (pinned, non_blocking)."""
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class NpuBackend(ReferenceBackend):
@@ -129,7 +97,7 @@ class NpuBackend(ReferenceBackend):
         if meta.store_rows is not None:
             rows = self._cached(
                 meta, ("store_rows",),
-                lambda: _to_device(torch.tensor(meta.store_rows, dtype=torch.int64), key.device),
+                lambda: masks.to_device(torch.tensor(meta.store_rows, dtype=torch.int64), key.device),
             )
             key, value = key.index_select(0, rows), value.index_select(0, rows)
             slots = self._cached(
@@ -242,20 +210,9 @@ class NpuBackend(ReferenceBackend):
         return out
 
     def _splitfuse_mask(self, meta: AttentionMetadata, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``[T, max_seq_len]``: 0 where key position <= the query token's position, masked above
-        (op-plugin's splitfuse test: 0 / -10000)."""
-
-        def build() -> Tensor:
-            pos: list[int] = []
-            for ctx, q in zip(meta.context_lens_list, meta.query_lens_list):
-                pos += range(ctx, ctx + q)
-            query_pos = _to_device(torch.tensor(pos, dtype=torch.int64), device)
-            keys = torch.arange(meta.max_seqlen_k, device=device)
-            mask = torch.zeros(len(pos), meta.max_seqlen_k, device=device)
-            mask = mask.masked_fill(keys[None, :] > query_pos[:, None], _MASKED[dtype]).to(dtype)
-            return self._observe_mask("splitfuse", mask)
-
-        return self._cached(meta, ("splitfuse", dtype), build)
+        return self._cached(meta, ("splitfuse", dtype), lambda: self._observe_mask(
+            "splitfuse", masks.splitfuse(meta.context_lens_list, meta.query_lens_list,
+                                         meta.max_seqlen_k, dtype, device)))
 
     def _paged_per_token(
         self,
@@ -393,84 +350,31 @@ class NpuBackend(ReferenceBackend):
             for i, (ctx, q) in enumerate(zip(meta.context_lens_list, meta.query_lens_list)):
                 lens_list += range(ctx + 1, ctx + q + 1)
                 owners += [i] * q
-            index = _to_device(torch.tensor(owners, dtype=torch.int64), meta.block_tables.device)
+            index = masks.to_device(torch.tensor(owners, dtype=torch.int64), meta.block_tables.device)
             table = meta.block_tables.index_select(0, index)
             return table, torch.tensor(lens_list, dtype=torch.int32), lens_list
 
         return self._cached(meta, ("token_tables",), build)
 
     def _causal_mask(self, s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """``[S, S]`` mask for ``_npu_flash_attention``, S = longest sequence of the pass.
-
-        NOTE: value convention from vllm-ascend (attention_mask.py): fp16 masks hold float32-min
-        (-inf once cast) above the diagonal, bf16 masks hold 1 there (the kernel treats a bf16
-        mask as a boolean). Kept across steps: it depends only on S and the dtype.
-        """
+        """``masks.causal``, kept across steps: it depends only on S and the dtype."""
         key = (s, dtype)
         if key not in self._causal_masks:
             if len(self._causal_masks) > 32:
                 self._causal_masks.clear()
-            upper = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
-            fill = torch.finfo(torch.float32).min if dtype == torch.float16 else 1.0
-            mask = torch.zeros(s, s, device=device).masked_fill(upper, fill).to(dtype)
-            self._causal_masks[key] = self._observe_mask("causal", mask)
+            self._causal_masks[key] = self._observe_mask("causal", masks.causal(s, dtype, device))
         return self._causal_masks[key]
 
     def _prefill_alibi_mask(
-        self,
-        meta: AttentionMetadata,
-        n: int,
-        s: int,
-        slopes: Tensor,
-        dtype: torch.dtype,
+        self, meta: AttentionMetadata, n: int, s: int, slopes: Tensor, dtype: torch.dtype,
         device: torch.device,
     ) -> Tensor:
-        """``[n, heads, s, s]`` = slope * (j - i), masked above the diagonal.
-
-        The kernel reads ``mask[b, :, :len_b, :len_b]`` and adds it to the scaled scores (golden
-        of op-plugin's ``test_flash_attention_case_fa_encoder_nocache_bf16_alibi``). Without a
-        prefix every sequence starts at position 0, so the ``n`` slices are equal; the op
-        documents only this 4-D shape for ALiBi, hence the copy. ``alibi_groups`` bounds ``n*s*s``.
-        """
-
-        def build() -> Tensor:
-            pos = torch.arange(s, device=device, dtype=torch.float32)
-            bias = (
-                slopes.to(device, torch.float32)[:, None, None]
-                * (pos[None, :] - pos[:, None])[None]
-            )
-            upper = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)
-            bias = bias.masked_fill(upper, _MASKED[dtype]).to(dtype)
-            return self._observe_mask(
-                "alibi_prefill", bias[None].expand(n, -1, -1, -1).contiguous()
-            )
-
-        return self._cached(meta, ("alibi_prefill", dtype, slopes.shape[0], n, s), build)
+        return self._cached(meta, ("alibi_prefill", dtype, slopes.shape[0], n, s), lambda: self._observe_mask(
+            "alibi_prefill", masks.prefill_alibi(n, s, slopes, dtype, device)))
 
     def _paged_alibi_mask(
-        self,
-        meta: AttentionMetadata,
-        first_row: int,
-        lens: list[int],
-        slopes: Tensor,
-        dtype: torch.dtype,
-        device: torch.device,
+        self, meta: AttentionMetadata, first_row: int, lens: list[int], slopes: Tensor,
+        dtype: torch.dtype, device: torch.device,
     ) -> Tensor:
-        """``[num_tokens, heads, 1, L]``: row ``slope * (j - (len_t - 1))`` for a query at position
-        ``len_t - 1``; L = the longest context.
-
-        MindIE passes one shared row ``slope * (j - (L - 1))``, equal up to a per-row constant,
-        which softmax ignores. We use the also-documented per-query form so that the keys that
-        matter (near the query) get biases near 0: in bf16 a shared row would store e.g. -500 +
-        small for a sequence 1000 tokens shorter, where the bf16 step is 2. Entries
-        ``j >= len_t`` are never read (the op stops at ``context_lens``).
-        """
-
-        def build() -> Tensor:
-            pos = torch.arange(max(lens), device=device, dtype=torch.float32)
-            last = _to_device(torch.tensor(lens, dtype=torch.float32), device) - 1
-            rel = pos[None, :] - last[:, None]  # [T, L]
-            row = slopes.to(device, torch.float32)[None, :, None] * rel[:, None, :]  # [T, H, L]
-            return self._observe_mask("alibi_paged", row[:, :, None, :].to(dtype).contiguous())
-
-        return self._cached(meta, ("alibi_paged", dtype, slopes.shape[0], first_row), build)
+        return self._cached(meta, ("alibi_paged", dtype, slopes.shape[0], first_row), lambda: self._observe_mask(
+            "alibi_paged", masks.paged_alibi(lens, slopes, dtype, device)))
