@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,13 +37,11 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import aiohttp
+from load import LOOPBACK, free_port, wait_ready  # benchmarks/load.py
+from load import PROMPTS as LOAD_PROMPTS
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Pour déguster un ortolan, il faut tout d'abord",
-    "def add(a, b):\n    return a + b",
-    "Text generation inference serves large language models",
+    *LOAD_PROMPTS,
     "Hello 深度学习 world",
     "Once upon a time, in a land far away,",
     "numbers: 1 2 3 4 5 6 7",
@@ -290,28 +287,6 @@ async def soak(url: str, args, launcher_pid: int | None, shard_pid: int | None) 
         for e in Counter(errors).most_common(10):
             print(f"  {e[1]} x {e[0][:300]}")
     return 0 if not mismatches and not errors and blocks_before == blocks_after else 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise SystemExit(f"launcher exited with {proc.returncode}")
-            try:
-                async with session.get(url + "/health") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
-    raise SystemExit(f"{url} not ready after {timeout}s")
 
 
 def main() -> None:
