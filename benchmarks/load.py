@@ -158,9 +158,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_launcher(model_id: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_launcher(model_id: str, extra: list[str], name: str = "bench") -> tuple[subprocess.Popen, str]:
+    """``tgi-npu-launcher`` on ``model_id`` at a free loopback port, its log in a temporary file
+    named after ``name``; returns the process and its URL."""
     port = free_port()
-    uds = tempfile.mkdtemp(prefix="bench", dir="/tmp") + "/s"
+    uds = tempfile.mkdtemp(prefix=name, dir="/tmp") + "/s"
     env = {**os.environ}
     env.setdefault("TGI_NPU_KV_CACHE_FRACTION", "0.05")
     cmd = [
@@ -179,8 +181,8 @@ def start_launcher(model_id: str, extra: list[str]) -> tuple[subprocess.Popen, s
         str(free_port()),
         *extra,
     ]
-    log_path = tempfile.mkstemp(prefix="bench-launcher", suffix=".log")[1]
-    print(f"starting: {' '.join(cmd)}  (log: {log_path})")
+    log_path = tempfile.mkstemp(prefix=f"{name}-launcher", suffix=".log")[1]
+    print(f"starting: {' '.join(cmd)}  (log: {log_path})", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"

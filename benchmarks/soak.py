@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import aiohttp
-from load import LOOPBACK, free_port, wait_ready  # benchmarks/load.py
+from load import LOOPBACK, start_launcher, wait_ready  # benchmarks/load.py
 from load import PROMPTS as LOAD_PROMPTS
 
 PROMPTS = [
@@ -316,8 +315,6 @@ def main() -> None:
 
             model_id = str(write_checkpoint(tempfile.mkdtemp(prefix="soak-model"), "bloom"))
             print(f"wrote a tiny RANDOM-WEIGHT bloom checkpoint to {model_id}")
-        port = free_port()
-        uds = tempfile.mkdtemp(prefix="soak", dir="/tmp") + "/s"
         extra = args.launcher_args or [
             "--max-input-tokens",
             "256",
@@ -328,29 +325,7 @@ def main() -> None:
             "--max-concurrent-requests",
             "256",
         ]
-        cmd = [
-            sys.executable,
-            "-m",
-            "tgi_npu_backend.launcher",
-            "--model-id",
-            model_id,
-            "--hostname",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--shard-uds-path",
-            uds,
-            "--master-port",
-            str(free_port()),
-            *extra,
-        ]
-        log_path = tempfile.mkstemp(prefix="soak-launcher", suffix=".log")[1]
-        print(f"starting: {' '.join(cmd)}  (log: {log_path})", flush=True)
-        env = {**os.environ}
-        env.setdefault("TGI_NPU_KV_CACHE_FRACTION", "0.05")
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        proc, url = start_launcher(model_id, extra, name="soak")
         launcher_pid = proc.pid
     host = urlparse(url).hostname
     if host not in LOOPBACK:
