@@ -1,6 +1,6 @@
 /* The all-greedy sampling step on an AVX-512 CPU, float32: per row of scores [rows, cols], the
  * first index of its maximum and its log_softmax, in one call (logprobs.py, for sampling.py's
- * TokenChooser: its all-greedy path takes both, its general path the log_softmax).
+ * TokenChooser, whose two paths both take both; the general path then draws its sampling rows).
  *
  * Loaded by device_kernels/cpu_native.py (built like cpu_decode.c) and called only where the
  * scores are a contiguous float32 CPU tensor. Why: numpy's argmax, then torch's log_softmax, read

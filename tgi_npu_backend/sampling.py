@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import warpers
 from .grammar import GrammarMasks, GrammarState
-from .logprobs import argmax, greedy, log_softmax
+from .logprobs import greedy
 
 # NOTE: TGI utils/watermark.py: "a large prime number to create a rng seed with sufficient bit
 # width".
@@ -236,8 +236,8 @@ class TokenChooser:
                 # use each row's own sequence, so a request's result does not depend on its batch.
                 scores = scores - counts / lengths * self._frequency
         scores = self._warp(scores)
-        logprobs = log_softmax(scores)  # [B, V]
-        return self._choose(scores), logprobs
+        greedy_ids, logprobs = greedy(scores)  # [B], [B, V]: one pass for both where it is native
+        return self._choose(scores, greedy_ids), logprobs
 
     def _green_mask(self, input_ids: list[list[int]], vocab: int) -> Tensor:
         """``[B, V]`` float: 1 on each watermarked row's green list (TGI utils/watermark.py: the
@@ -282,11 +282,10 @@ class TokenChooser:
             scores = warpers.typical(scores, self._typical_p, self._typical_on)
         return scores
 
-    def _choose(self, scores: Tensor) -> Tensor:
-        """Greedy argmax for every row, then TGI's exponential trick for the sampling rows:
-        ``argmax(probs / q)``, ``q ~ Exponential(1)``, is a draw from ``probs`` without the
-        device sync of ``torch.multinomial``."""
-        next_ids = argmax(scores)  # [B]
+    def _choose(self, scores: Tensor, next_ids: Tensor) -> Tensor:
+        """``next_ids``, every row's greedy argmax, with TGI's exponential trick for the sampling
+        rows written over theirs: ``argmax(probs / q)``, ``q ~ Exponential(1)``, is a draw from
+        ``probs`` without the device sync of ``torch.multinomial``."""
         if not self._sampling_rows:
             return next_ids
         vocab = scores.shape[-1]
