@@ -37,7 +37,7 @@ from loguru import logger
 from torch import Tensor
 
 from . import npu_masks as masks
-from .base import AttentionMetadata, Phase, plan_of, with_plan
+from .base import AttentionMetadata, Phase, host_to_device, plan_of, with_plan
 from .npu_masks import alibi_groups
 from .npu_platform import FUSED_DTYPES, load_torch_npu, recommended_block_size
 from .reference import ReferenceBackend
@@ -97,7 +97,7 @@ class NpuBackend(ReferenceBackend):
         if meta.store_rows is not None:
             rows = self._cached(
                 meta, ("store_rows",),
-                lambda: masks.to_device(torch.tensor(meta.store_rows, dtype=torch.int64), key.device),
+                lambda: host_to_device(key.device)(torch.tensor(meta.store_rows, dtype=torch.int64)),
             )
             key, value = key.index_select(0, rows), value.index_select(0, rows)
             slots = self._cached(
@@ -350,7 +350,7 @@ class NpuBackend(ReferenceBackend):
             for i, (ctx, q) in enumerate(zip(meta.context_lens_list, meta.query_lens_list)):
                 lens_list += range(ctx + 1, ctx + q + 1)
                 owners += [i] * q
-            index = masks.to_device(torch.tensor(owners, dtype=torch.int64), meta.block_tables.device)
+            index = host_to_device(meta.block_tables.device)(torch.tensor(owners, dtype=torch.int64))
             table = meta.block_tables.index_select(0, index)
             return table, torch.tensor(lens_list, dtype=torch.int32), lens_list
 

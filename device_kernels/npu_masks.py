@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import host_to_device
+
 # Masked-out score in the masks we build. NOTE: op-plugin's own fp16 ALiBi golden uses -10000 and
 # the bf16 one -inf; a large finite value behaves like -inf after softmax and never makes NaN.
 _MASKED = {torch.float16: -10000.0, torch.bfloat16: float("-inf")}
@@ -35,13 +37,6 @@ def alibi_groups(seq_lens: list[int]) -> list[tuple[int, int]]:
     if seq_lens:
         groups.append((start, len(seq_lens)))
     return groups
-
-
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """A small host tensor to the device without blocking the host (pinned, non_blocking)."""
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def causal(s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -82,7 +77,7 @@ def paged_alibi(lens: list[int], slopes: Tensor, dtype: torch.dtype, device: tor
     ``j >= len_t`` are never read (the op stops at ``context_lens``).
     """
     pos = torch.arange(max(lens), device=device, dtype=torch.float32)
-    last = to_device(torch.tensor(lens, dtype=torch.float32), device) - 1
+    last = host_to_device(device)(torch.tensor(lens, dtype=torch.float32)) - 1
     rel = pos[None, :] - last[:, None]  # [T, L]
     row = slopes.to(device, torch.float32)[None, :, None] * rel[:, None, :]  # [T, H, L]
     return row[:, :, None, :].to(dtype).contiguous()
@@ -95,7 +90,7 @@ def splitfuse(context_lens: list[int], query_lens: list[int], max_len: int, dtyp
     pos: list[int] = []
     for ctx, q in zip(context_lens, query_lens):
         pos += range(ctx, ctx + q)
-    query_pos = to_device(torch.tensor(pos, dtype=torch.int64), device)
+    query_pos = host_to_device(device)(torch.tensor(pos, dtype=torch.int64))
     keys = torch.arange(max_len, device=device)
     mask = torch.zeros(len(pos), max_len, device=device)
     return mask.masked_fill(keys[None, :] > query_pos[:, None], _MASKED[dtype]).to(dtype)
