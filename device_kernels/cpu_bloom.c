@@ -80,8 +80,8 @@ static void gelu_tanh(float *x, int64_t n) { /* in place; a partial last vector 
 /* Runs `count` blocks over h [hidden] in place. Returns 0; -1 when the slot is outside the
  * cache; -2 when the sequence's length or block ids do not fit it (nothing computed for that
  * block then); -3 when the attention's buffers could not be allocated. */
-int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t count,
-                         const struct bloom_step *s) {
+static int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t count,
+                                const struct bloom_step *s) {
     const int64_t hd = s->hidden, heads = s->heads, d = s->head_dim, bs = s->block_size;
     const int64_t capacity = s->num_blocks * bs;
     if (s->slot >= capacity || s->slot < -1) return -1;
@@ -131,12 +131,6 @@ int64_t bloom_token_f32(float *out, const struct bloom_block *blocks, int64_t co
 }
 
 #else /* no AVX-512 at build time: the Python side sees -4 and keeps the unfused path */
-
-int64_t bloom_blocks_f32(float *h, const struct bloom_block *blocks, int64_t count,
-                         const struct bloom_step *s) {
-    (void)h; (void)blocks; (void)count; (void)s;
-    return -4;
-}
 
 int64_t bloom_token_f32(float *out, const struct bloom_block *blocks, int64_t count,
                         const struct bloom_step *s) {

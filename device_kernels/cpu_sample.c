@@ -28,7 +28,7 @@
 #define SUM_RUN 1024 /* elements summed in float32 lanes before moving to double */
 #define CHUNK 16384  /* a row's elements per task (64 KiB): the same split whatever the threads */
 
-struct chunk_part { float max; double sum; int64_t arg; }; /* arg -1: an empty chunk */
+struct chunk_part { float max; double sum; int64_t arg; }; /* max NaN: the caller's */
 
 static inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xffff : tail_mask(left); }
 
@@ -42,7 +42,6 @@ static struct chunk_part chunk(const float *x, int64_t c0, int64_t c1) {
         m = _mm512_mask_max_ps(m, k, m, v);
     }
     struct chunk_part p = {_mm512_reduce_max_ps(m), 0.0, -1};
-    if (c0 >= c1) return p;
     if (nan || p.max == INFINITY) { p.max = NAN; p.arg = c0; return p; } /* the caller's */
     if (p.max == -INFINITY) { p.arg = c0; return p; } /* all masked: adds nothing to the sum */
     const __m512 vmax = _mm512_set1_ps(p.max);
@@ -82,7 +81,7 @@ int64_t log_softmax_argmax_f32(const float *x, int64_t rows, int64_t cols, float
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < items; it++) {
             const int64_t r = it / per_row, c0 = (it % per_row) * size;
-            parts[it] = chunk(x + r * cols, c0 < cols ? c0 : cols, c0 + size < cols ? c0 + size : cols);
+            parts[it] = chunk(x + r * cols, c0, c0 + size < cols ? c0 + size : cols); /* c0 < cols */
         }
 #pragma omp single
         for (int64_t r = 0; r < rows && !bad; r++) {
@@ -90,14 +89,13 @@ int64_t log_softmax_argmax_f32(const float *x, int64_t rows, int64_t cols, float
             float top = -INFINITY;
             int64_t arg = -1;
             for (int64_t j = 0; j < per_row; j++) {
-                if (p[j].arg < 0) continue;
                 if (isnan(p[j].max)) { bad = 1; break; }
                 if (p[j].max > top) { top = p[j].max; arg = p[j].arg; } /* ties: the earlier chunk */
             }
             if (bad || top == -INFINITY) { bad = 1; break; } /* NaN or +inf; or all -inf */
             double sum = 0.0;
             for (int64_t j = 0; j < per_row; j++)
-                if (p[j].arg >= 0) sum += p[j].sum * exp((double)p[j].max - (double)top);
+                sum += p[j].sum * exp((double)p[j].max - (double)top);
             lse[r] = (double)top + log(sum);
             ids[r] = arg;
         }
