@@ -15,23 +15,18 @@ from .kernels.cpu_native import greedy_kernel
 from .warpers import NEG_INF
 
 
-def native_greedy(scores: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(argmax, log_softmax)`` of float32 CPU ``scores`` from the native kernel
-    (``device_kernels/cpu_sample.c``); None where it does not run (another device or dtype, no
-    kernel here, a row with a NaN, +inf or only -inf). A row's results are the same bits in any
-    batch and with any number of threads."""
-    if scores.device.type != "cpu" or scores.dtype != torch.float32 or not scores.is_contiguous():
-        return None
-    kernel = greedy_kernel()
-    return None if kernel is None else kernel(scores)
-
-
 def greedy(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """``argmax(scores)`` and ``log_softmax(scores)``, in one native call where it runs (3x faster
-    than the two on one row of a 250,880-token vocabulary, 1.6x on 32). The chooser's two paths
-    both take it, so a greedy row gets the same bits on either."""
-    picked = native_greedy(scores)
-    return picked if picked is not None else (argmax(scores), torch.log_softmax(scores, dim=-1))
+    """``argmax(scores)`` and ``log_softmax(scores)``. On contiguous float32 CPU scores in one call
+    of the native kernel (``device_kernels/cpu_sample.c``: 3x faster than the two on one row of a
+    250,880-token vocabulary, 1.6x on 32; a row's results are the same bits in any batch and with
+    any number of threads); elsewhere, and for rows with a NaN, +inf or only -inf, these two ops.
+    The chooser's two paths both take it, so a greedy row gets the same bits on either."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.is_contiguous():
+        kernel = greedy_kernel()
+        picked = None if kernel is None else kernel(scores)
+        if picked is not None:
+            return picked
+    return argmax(scores), torch.log_softmax(scores, dim=-1)
 
 
 def argmax(scores: Tensor) -> Tensor:
